@@ -1,0 +1,1 @@
+"""The `hmnode` command line."""

@@ -1,0 +1,151 @@
+"""The `hmnode` command: a click group whose commands drive a data dir or a running agent."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hmnode import __version__, control
+from hmnode.agent import initialise, run_agent
+from hmnode.config import Config, default_data_dir, load_config
+from hmnode.datadir import DataDir
+from hmnode.errors import AgentNotRunning, HmnodeError
+from hmnode.hardware import Inventory, collect_inventory, summary_lines
+from hmnode.identity import load_key
+from hmnode import logs
+
+
+class HmnodeGroup(click.Group):
+    """Turns HmnodeError into one line on stderr and its exit code, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HmnodeError as exc:
+            click.echo(f"hmnode: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def _data_dir_option(fn: Any) -> Any:
+    return click.option(
+        "--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="HMNODE_DATA_DIR",
+        default=None, show_envvar=True,
+        help="Node data directory [default: $XDG_DATA_HOME/hmnode or ~/.local/share/hmnode].",
+    )(fn)
+
+
+def _json_option(fn: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(fn)
+
+
+def _resolve(data_dir: Path | None) -> DataDir:
+    return DataDir((data_dir or default_data_dir()).expanduser().absolute())
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+@click.group(cls=HmnodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hmnode")
+def main() -> None:
+    """hmnode: share this machine's CPU, memory, GPU and storage with a peer-to-peer mesh."""
+
+
+@main.command()
+@_data_dir_option
+@click.option("--listen", metavar="HOST:PORT", help="UDP address to listen on (written to config.toml).")
+@_json_option
+def init(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
+    """Create the node key, config.toml and store in the data dir (idempotent)."""
+    dd = _resolve(data_dir)
+    # The file gets the embedded defaults and this command's flags, not the environment's values.
+    config = load_config(dd.config_file, env={}, flags={"node.listen": listen})
+    if listen is not None and dd.config_file.exists():
+        raise HmnodeError(f"{dd.config_file} already exists; edit node.listen there instead")
+    dd.create()
+    with dd.lock():
+        key, store, done = initialise(dd, config)
+        store.close()
+    if as_json:
+        _print_json({"node_id": str(done.node_id), "data_dir": str(dd.path),
+                     "created_key": done.created_key, "created_config": done.created_config})
+        return
+    click.echo(f"node id   {done.node_id}")
+    click.echo(f"key       {dd.key_file} ({'created' if done.created_key else 'existing'})")
+    click.echo(f"config    {dd.config_file} ({'created' if done.created_config else 'existing'})")
+    click.echo(f"store     {dd.store_dir}")
+
+
+@main.command()
+@_data_dir_option
+@click.option("--listen", metavar="HOST:PORT", help="UDP address to listen on [env: HMNODE_LISTEN].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Least severe log level [env: HMNODE_LOG_LEVEL].")
+@click.option("--log-format", type=click.Choice(["text", "json"]),
+              help="Logs for people (text) or machines (json) [env: HMNODE_LOG_FORMAT].")
+def run(data_dir: Path | None, listen: str | None, log_level: str | None,
+        log_format: str | None) -> None:
+    """Run the node in the foreground until SIGINT or SIGTERM (initialises on first start)."""
+    dd = _resolve(data_dir)
+    config = load_config(dd.config_file, flags={
+        "node.listen": listen, "log.level": log_level, "log.format": log_format})
+    logs.configure(config.log_level, config.log_format)
+    # A first start writes the embedded defaults, not this run's flags, to config.toml.
+    sys.exit(run_agent(dd, config, file_defaults=Config()))
+
+
+@main.command("id")
+@_data_dir_option
+@_json_option
+def id_(data_dir: Path | None, as_json: bool) -> None:
+    """Print this node's id."""
+    dd = _resolve(data_dir)
+    node_id = load_key(dd.key_file).node_id
+    if as_json:
+        _print_json({"node_id": str(node_id), "public_key_hex": node_id.key.hex()})
+    else:
+        click.echo(str(node_id))
+
+
+@main.command()
+@_data_dir_option
+@_json_option
+def status(data_dir: Path | None, as_json: bool) -> None:
+    """Show the running agent's identity, version and uptime."""
+    dd = _resolve(data_dir)
+    info = control.call(dd.control_socket, "status")
+    if as_json:
+        _print_json(info)
+        return
+    click.echo(f"node id    {info['node_id']}")
+    click.echo(f"version    {info['version']}")
+    click.echo(f"pid        {info['pid']}")
+    click.echo(f"uptime     {info['uptime_s']:.0f} s")
+    click.echo(f"listen     {info['listen']}")
+    click.echo(f"data dir   {info['data_dir']}")
+
+
+@main.command()
+@_data_dir_option
+@_json_option
+def assets(data_dir: Path | None, as_json: bool) -> None:
+    """Show the hardware this node could share (from the agent, or measured now if none runs)."""
+    dd = _resolve(data_dir)
+    try:
+        inventory = Inventory.from_dict(control.call(dd.control_socket, "assets"))
+        source = "agent"
+    except AgentNotRunning:
+        inventory = collect_inventory(dd.path, time.time())
+        source = "measured now (no agent running)"
+    if as_json:
+        _print_json(inventory.to_dict())
+        return
+    click.echo(f"# {source}")
+    for line in summary_lines(inventory):
+        click.echo(line)

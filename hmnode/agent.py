@@ -1,0 +1,207 @@
+"""The agent's lifecycle: initialise a data dir, run the subsystems, shut down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from hmnode import __version__, schema
+from hmnode.config import Config, write_config
+from hmnode.control import ControlServer, MethodError
+from hmnode.datadir import DataDir
+from hmnode.errors import IdentityError
+from hmnode.hardware import Inventory, collect_inventory
+from hmnode.identity import NodeId, NodeKey, load_or_create_key
+from hmnode.schema import AgentRun, NodeEvent
+from hmnode.store import Store, Txn
+from hmnode.supervisor import Subsystem, Supervisor
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 4.0
+
+
+@dataclass(frozen=True)
+class Initialised:
+    """What `initialise` found or created."""
+
+    node_id: NodeId
+    created_key: bool
+    created_config: bool
+
+
+def initialise(data_dir: DataDir, config: Config) -> tuple[NodeKey, Store, Initialised]:
+    """Create what a data dir lacks (key, config.toml, store), check that it belongs together,
+    and return the key and the open store.
+
+    The caller holds the data dir's lock. The key is checked first, so that a refused key
+    leaves the data dir as it was.
+    """
+    key, created_key = load_or_create_key(data_dir.key_file)
+    created_config = not data_dir.config_file.exists()
+    if created_config:
+        write_config(data_dir.config_file, config)
+    store = Store.open(data_dir.store_dir)
+    try:
+        _bind_store_to_key(store, key.node_id, data_dir)
+    except BaseException:
+        store.close()
+        raise
+    return key, store, Initialised(key.node_id, created_key, created_config)
+
+
+def _bind_store_to_key(store: Store, node_id: NodeId, data_dir: DataDir) -> None:
+    def bind(tx: Txn) -> str | None:
+        owner = tx.get(schema.META, schema.META_NODE_ID)
+        if owner is None:
+            tx.put(schema.META, schema.META_NODE_ID, str(node_id))
+            tx.put(schema.META, schema.META_CREATED_AT, time.time())
+        return owner
+
+    owner = store.write(bind)
+    if owner is not None and owner != str(node_id):
+        raise IdentityError(
+            f"the store in {data_dir.path} belongs to node {owner}, but {data_dir.key_file} "
+            f"is the key of {node_id}; put the original key back, or use another --data-dir"
+        )
+
+
+class Agent:
+    """A running node: its identity, store and subsystems, and the control API over them."""
+
+    def __init__(self, data_dir: DataDir, config: Config, key: NodeKey, store: Store) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self.key = key
+        self.store = store
+        self.supervisor = Supervisor(grace_s=SHUTDOWN_GRACE_S)
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+        self._inventory: Inventory | None = store.read(
+            lambda tx: tx.get(schema.INVENTORY, schema.INVENTORY_LATEST))
+        self._inventory_fresh = asyncio.Event()
+        self.control = ControlServer(data_dir.control_socket, {
+            "status": self._status,
+            "assets": self._assets,
+        })
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> str | None:
+        """Serve until stopped; returns None after a clean stop, or what failed."""
+        run_key = self.store.write(self._record_start)
+        await self.control.start()
+        log.info("node %s ready: control socket %s", self.key.node_id, self.data_dir.control_socket,
+                 extra={"event": "ready", "node_id": str(self.key.node_id)})
+        try:
+            failure = await self.supervisor.run([
+                Subsystem("inventory", self._refresh_inventory),
+            ])
+        finally:
+            await self.control.close()
+        reason = failure or self.supervisor.stop_reason or "stopped"
+        log.info("node %s stopped (%s)", self.key.node_id, reason,
+                 extra={"event": "stopped", "clean": failure is None})
+        self.store.write(lambda tx: self._record_stop(tx, run_key, reason, clean=failure is None))
+        return failure
+
+    def _record_start(self, tx: Txn) -> int:
+        last = next(tx.items(schema.RUNS, reverse=True), None)
+        if last is not None and last[1].stopped_at is None:
+            log.warning("the previous run (pid %d) did not stop cleanly; its committed state is kept",
+                        last[1].pid)
+            _append_event(tx, NodeEvent(time.time(), "unclean_stop",
+                                        f"run {last[0]} (pid {last[1].pid}) ended without a stop"))
+        _append_event(tx, NodeEvent(self.started_at, "started", f"pid {os.getpid()}, {__version__}"))
+        return tx.append(schema.RUNS, AgentRun(self.started_at, os.getpid(), __version__))
+
+    def _record_stop(self, tx: Txn, run_key: int, reason: str, clean: bool) -> None:
+        run: AgentRun = tx.get(schema.RUNS, run_key)
+        tx.put(schema.RUNS, run_key, AgentRun(run.started_at, run.pid, run.version,
+                                              stopped_at=time.time(), exit_reason=reason))
+        _append_event(tx, NodeEvent(time.time(), "stopped" if clean else "failed", reason))
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT and SIGTERM ask for a graceful stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.supervisor.request_stop, f"signal {sig.name}")
+
+    # --- subsystems -------------------------------------------------------------------------
+
+    async def _refresh_inventory(self) -> None:
+        while True:
+            now = time.time()
+            # psutil and NVML calls block; keep them off the event loop.
+            inventory = await asyncio.to_thread(collect_inventory, self.data_dir.path, now)
+            self.store.write(lambda tx: tx.put(schema.INVENTORY, schema.INVENTORY_LATEST, inventory))
+            self._inventory = inventory
+            self._inventory_fresh.set()
+            await asyncio.sleep(self.config.inventory_interval_s)
+
+    # --- control methods --------------------------------------------------------------------
+
+    async def _status(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "node_id": str(self.key.node_id),
+            "version": __version__,
+            "pid": os.getpid(),
+            "data_dir": str(self.data_dir.path),
+            "uptime_s": round(time.monotonic() - self._started_mono, 3),
+            "started_at": self.started_at,
+            "listen": str(self.config.listen),
+            "store_map_bytes": self.store.map_size,
+        }
+
+    async def _assets(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        if not self._inventory_fresh.is_set():
+            try:
+                await asyncio.wait_for(self._inventory_fresh.wait(), timeout=5.0)
+            except TimeoutError:
+                if self._inventory is None:
+                    raise MethodError("not_ready", "the first hardware inventory is not done yet; "
+                                                   "try again in a moment") from None
+        assert self._inventory is not None
+        return self._inventory.to_dict()
+
+
+def _append_event(tx: Txn, event: NodeEvent) -> None:
+    key = tx.append(schema.EVENTS, event)
+    if key > schema.EVENTS_KEPT:
+        tx.delete(schema.EVENTS, key - schema.EVENTS_KEPT)
+
+
+def run_agent(data_dir: DataDir, config: Config, file_defaults: Config | None = None) -> int:
+    """Run a node in the foreground until SIGINT/SIGTERM; returns the process exit code.
+
+    `file_defaults` is what a first start writes to config.toml (default: `config`).
+    """
+    data_dir.create()
+    with data_dir.lock():
+        key, store, init = initialise(data_dir, file_defaults or config)
+        if init.created_key:
+            log.info("created node key %s for node %s", data_dir.key_file, init.node_id)
+        try:
+            failure = _run_loop(_serve(data_dir, config, key, store))
+        finally:
+            store.close()
+    return 0 if failure is None else 1
+
+
+async def _serve(data_dir: DataDir, config: Config, key: NodeKey, store: Store) -> str | None:
+    agent = Agent(data_dir, config, key, store)
+    agent.install_signal_handlers()
+    return await agent.run()
+
+
+def _run_loop(main: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)

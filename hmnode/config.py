@@ -1,0 +1,200 @@
+"""The config schema and its loading: CLI flag > environment > config.toml > defaults.
+
+This module is the one place that knows the config's keys; everything else reads `Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from hmnode.errors import ConfigError
+
+DEFAULT_PORT = 4740
+ENV_DATA_DIR = "HMNODE_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A listen or peer address; `host` is a literal IP or a name, `port` 0 means any free port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> "HostPort":
+        """Parse `HOST:PORT` or `[IPv6]:PORT`; raises ValueError with the expected form."""
+        if not isinstance(text, str):
+            raise ValueError("expected a string HOST:PORT")
+        if text.startswith("["):
+            host, sep, port_text = text[1:].partition("]:")
+            if not sep:
+                raise ValueError(f"expected [IPv6]:PORT, got {text!r}")
+            ipaddress.IPv6Address(host)  # raises ValueError naming the bad address
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep or not host or ":" in host:
+                raise ValueError(f"expected HOST:PORT (IPv6 in brackets), got {text!r}")
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"port must be a number from 0 to 65535, got {port_text!r}")
+        return cls(host, int(port_text))
+
+
+# --- value parsers: each takes a TOML value or an environment/flag string -------------------
+
+
+def _hostport(value: Any) -> HostPort:
+    return HostPort.parse(value)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value.lower()
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"expected a number of seconds, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number of seconds, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"expected {low:g} to {high:g} seconds, got {value!r}")
+        return float(value)
+
+    return parse
+
+
+def _setting(key: str, default: Any, parse: Callable[[Any], Any], env: str, help: str) -> Any:
+    return field(default=default, metadata={"key": key, "parse": parse, "env": env, "help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    """The agent's effective settings. Field metadata is the schema: TOML key, parser, env var."""
+
+    listen: HostPort = _setting(
+        "node.listen", HostPort("0.0.0.0", DEFAULT_PORT), _hostport, "HMNODE_LISTEN",
+        "UDP address the node's QUIC endpoint binds (HOST:PORT)",
+    )
+    log_level: str = _setting(
+        "log.level", "info", _choice("debug", "info", "warning", "error"), "HMNODE_LOG_LEVEL",
+        "least severe log level written",
+    )
+    log_format: str = _setting(
+        "log.format", "text", _choice("text", "json"), "HMNODE_LOG_FORMAT",
+        "text for people, json (one object a line) for machines",
+    )
+    inventory_interval_s: float = _setting(
+        "inventory.interval_s", 60.0, _seconds(1, 86400), "HMNODE_INVENTORY_INTERVAL_S",
+        "seconds between hardware inventory refreshes",
+    )
+
+    def to_toml(self) -> dict[str, dict[str, Any]]:
+        """The config as a TOML document (sections and keys), for writing config.toml."""
+        doc: dict[str, dict[str, Any]] = {}
+        for f in dataclasses.fields(self):
+            section, key = f.metadata["key"].split(".")
+            value = getattr(self, f.name)
+            doc.setdefault(section, {})[key] = str(value) if isinstance(value, HostPort) else value
+        return doc
+
+
+SETTINGS: dict[str, dataclasses.Field] = {f.metadata["key"]: f for f in dataclasses.fields(Config)}
+
+
+def default_data_dir(env: Mapping[str, str] | None = None) -> Path:
+    """$HMNODE_DATA_DIR, else $XDG_DATA_HOME/hmnode, else ~/.local/share/hmnode."""
+    env = os.environ if env is None else env
+    if env.get(ENV_DATA_DIR):
+        return Path(env[ENV_DATA_DIR]).expanduser()
+    xdg = env.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg and Path(xdg).is_absolute() else Path.home() / ".local/share"
+    return base / "hmnode"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The file's settings as {dotted key: parsed value}; a missing file is empty."""
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}; fix or remove the file") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    values: dict[str, Any] = {}
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            raise ConfigError(_unknown(section, path) if not _is_section(section) else
+                              f"[{section}] in {path} must be a table of keys")
+        for name, raw in table.items():
+            key = f"{section}.{name}"
+            if key not in SETTINGS:
+                raise ConfigError(_unknown(key, path))
+            values[key] = _parse(key, raw, f"in {path}")
+    return values
+
+
+def load_config(
+    path: Path,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge defaults, the config file at `path`, HMNODE_* variables and CLI flags (by dotted key)."""
+    env = os.environ if env is None else env
+    values = read_config_file(path)
+    for key, f in SETTINGS.items():
+        if f.metadata["env"] in env:
+            values[key] = _parse(key, env[f.metadata["env"]], f"in ${f.metadata['env']}")
+    for key, raw in (flags or {}).items():
+        if raw is not None:
+            values[key] = _parse(key, raw, "on the command line")
+    return Config(**{SETTINGS[key].name: value for key, value in values.items()})
+
+
+def write_config(path: Path, config: Config) -> None:
+    """Write config.toml atomically (temp file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        tomli_w.dump(config.to_toml(), fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _parse(key: str, raw: Any, where: str) -> Any:
+    try:
+        return SETTINGS[key].metadata["parse"](raw)
+    except ValueError as exc:
+        raise ConfigError(f"bad value for {key} {where}: {exc}") from None
+
+
+def _is_section(name: str) -> bool:
+    return any(key.split(".")[0] == name for key in SETTINGS)
+
+
+def _unknown(key: str, path: Path) -> str:
+    close = difflib.get_close_matches(key, SETTINGS, n=1)
+    hint = f"; did you mean {close[0]}?" if close else f"; known keys: {', '.join(SETTINGS)}"
+    return f"unknown key {key} in {path}{hint}"

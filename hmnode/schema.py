@@ -1,0 +1,170 @@
+"""The LMDB schema: its version, every sub-database, and the record type each one holds.
+
+This module is the one place that knows how state is laid out on disk; the store and the rest
+of the agent import the tables from here. Bump SCHEMA_VERSION (and add a migration in the store)
+whenever a table's keys or record fields change meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import msgpack
+
+from hmnode.errors import StoreCorrupt
+from hmnode.hardware import Inventory
+
+SCHEMA_VERSION = 1
+
+R = TypeVar("R")
+K = TypeVar("K")
+
+
+# --- records ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentRun:
+    """One run of the agent on this data dir; `stopped_at` stays None if it never stopped cleanly."""
+
+    started_at: float
+    pid: int
+    version: str
+    stopped_at: float | None = None
+    exit_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeEvent:
+    """A line of the node's own history (started, stopped, subsystem failed, ...)."""
+
+    at: float
+    kind: str
+    detail: str
+
+
+# --- codecs -------------------------------------------------------------------------------
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(raw: bytes, table: str) -> Any:
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise StoreCorrupt(f"a value in table {table!r} is not valid msgpack: {exc}") from exc
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+class DataclassCodec(Generic[R]):
+    """A flat dataclass of scalars as a msgpack map; decoding checks every field and its type."""
+
+    def __init__(self, cls: type[R]) -> None:
+        self.cls = cls
+        self._hints = typing.get_type_hints(cls)
+        self._names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+    def encode(self, record: R) -> bytes:
+        return _pack(dataclasses.asdict(record))  # type: ignore[call-overload]
+
+    def decode(self, raw: bytes, table: str) -> R:
+        data = _unpack(raw, table)
+        if not isinstance(data, dict) or set(data) != self._names:
+            raise StoreCorrupt(f"a record in table {table!r} is not a {self.cls.__name__}")
+        for name, value in data.items():
+            if not _type_ok(value, self._hints[name]):
+                raise StoreCorrupt(f"{self.cls.__name__}.{name} in table {table!r} has a bad type")
+        return self.cls(**data)
+
+
+class InventoryCodec:
+    """The hardware inventory, through its own dict form."""
+
+    def encode(self, record: Inventory) -> bytes:
+        return _pack(record.to_dict())
+
+    def decode(self, raw: bytes, table: str) -> Inventory:
+        try:
+            return Inventory.from_dict(_unpack(raw, table))
+        except (ValueError, TypeError) as exc:
+            raise StoreCorrupt(f"the inventory in table {table!r} is damaged: {exc}") from exc
+
+
+class AnyCodec:
+    """Plain msgpack values (for the meta table's scalars)."""
+
+    def encode(self, record: Any) -> bytes:
+        return _pack(record)
+
+    def decode(self, raw: bytes, table: str) -> Any:
+        return _unpack(raw, table)
+
+
+class SeqKey:
+    """A 64-bit sequence number, big-endian so that LMDB's byte order is numeric order."""
+
+    @staticmethod
+    def encode(key: int) -> bytes:
+        return struct.pack(">Q", key)
+
+    @staticmethod
+    def decode(raw: bytes) -> int:
+        return struct.unpack(">Q", raw)[0]
+
+
+class TextKey:
+    """A UTF-8 string key."""
+
+    @staticmethod
+    def encode(key: str) -> bytes:
+        return key.encode("utf-8")
+
+    @staticmethod
+    def decode(raw: bytes) -> str:
+        return raw.decode("utf-8")
+
+
+@dataclass(frozen=True)
+class Table(Generic[K, R]):
+    """A named LMDB sub-database with its key and record codecs."""
+
+    name: str
+    key: Any
+    codec: Any
+
+
+# --- tables -------------------------------------------------------------------------------
+
+META: Table[str, Any] = Table("meta", TextKey, AnyCodec())
+RUNS: Table[int, AgentRun] = Table("runs", SeqKey, DataclassCodec(AgentRun))
+EVENTS: Table[int, NodeEvent] = Table("events", SeqKey, DataclassCodec(NodeEvent))
+INVENTORY: Table[str, Inventory] = Table("inventory", TextKey, InventoryCodec())
+
+TABLES: tuple[Table, ...] = (META, RUNS, EVENTS, INVENTORY)
+
+# Keys of the meta table.
+META_SCHEMA_VERSION = "schema_version"
+META_CREATED_AT = "created_at"
+META_NODE_ID = "node_id"
+# The one key of the inventory table: the newest snapshot.
+INVENTORY_LATEST = "latest"
+# Events are a bounded history: older ones are dropped past this many.
+EVENTS_KEPT = 10_000

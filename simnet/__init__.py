@@ -1,0 +1,1 @@
+"""Multi-node testing and benchmarks: real processes, namespaces, and a deterministic simulator."""

@@ -1,0 +1,1 @@
+"""QUIC endpoint, peer authentication, framing and NAT traversal (see DESIGN.md, "Transport")."""
