@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import os
 import sys
 from dataclasses import dataclass, field
@@ -336,7 +338,8 @@ def test_real_inventory_is_sane(tmp_path: Path) -> None:
     assert any("127.0.0.1" in nic.addresses for nic in inv.network)
     for nic in inv.network:
         # Link-layer (MAC) addresses are not IP addresses and must be left out.
-        assert all(a.count(":") != 5 or "::" in a or "." in a for a in nic.addresses), nic
+        for address in nic.addresses:
+            ipaddress.ip_address(address.partition("%")[0])  # raises for a MAC
     assert [nic.name for nic in inv.network] == sorted(nic.name for nic in inv.network)
 
 
@@ -540,12 +543,20 @@ def test_summary_without_gpu_names_cpu_memory_disk_reason_and_addresses() -> Non
 def test_summary_with_gpus_has_one_line_per_gpu() -> None:
     report = probe_gpus(FakeNvml(_two_gpus()))  # type: ignore[arg-type]
     lines = summary_lines(_sample_inventory(report))
-    gpu_lines = [line for line in lines if line.startswith("GPU ")]
+    gpu_lines = [line for line in lines if re.match(r"GPU \d+: ", line)]
     assert len(gpu_lines) == 2
     assert "NVIDIA H100 80GB HBM3" in gpu_lines[0] and "compute 9.0" in gpu_lines[0]
     assert "NVIDIA A100-SXM4-40GB" in gpu_lines[1] and "compute 8.0" in gpu_lines[1]
     assert "GPU driver: 550.54.15" in lines
     assert not any("none" in line for line in lines if line.startswith("GPU"))
+
+
+def test_summary_warns_about_gpus_left_out() -> None:
+    gpus = _two_gpus()
+    gpus[1].failing["uuid"] = NVML_ERROR_GPU_IS_LOST
+    lines = summary_lines(_sample_inventory(probe_gpus(FakeNvml(gpus))))  # type: ignore[arg-type]
+    assert [line for line in lines if re.match(r"GPU \d+: ", line)][0].startswith("GPU 0: NVIDIA H100")
+    assert "GPU warning: GPU 1 could not be queried: GPU is lost" in lines
 
 
 def test_summary_of_the_real_inventory_mentions_cpu_and_gpu(tmp_path: Path) -> None:
