@@ -18,6 +18,7 @@ from hmnode.errors import AgentNotRunning, HmnodeError
 from hmnode.hardware import Inventory, collect_inventory, summary_lines
 from hmnode.identity import load_key
 from hmnode import logs
+from hmnode.cli.simnet import simnet
 
 
 class HmnodeGroup(click.Group):
@@ -55,6 +56,9 @@ def _print_json(obj: Any) -> None:
 @click.version_option(__version__, prog_name="hmnode")
 def main() -> None:
     """hmnode: share this machine's CPU, memory, GPU and storage with a peer-to-peer mesh."""
+
+
+main.add_command(simnet)
 
 
 @main.command()

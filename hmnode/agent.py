@@ -24,6 +24,9 @@ from hmnode.supervisor import Subsystem, Supervisor
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 4.0
+# What is left after the supervisor's grace gets this much longer before the loop is closed,
+# so that SIGTERM to exit stays within 5 s.
+LEFTOVER_WAIT_S = 0.4
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,27 @@ async def _serve(data_dir: DataDir, config: Config, key: NodeKey, store: Store) 
 
 
 def _run_loop(main: Any) -> Any:
+    """Run `main` on uvloop where installed; unlike asyncio.run, a task that refuses to be
+    cancelled cannot hold the process past a bounded wait."""
     try:
         import uvloop
+        loop = uvloop.new_event_loop()
     except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending, timeout=LEFTOVER_WAIT_S))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(
+                asyncio.wait([loop.create_task(loop.shutdown_default_executor())],
+                             timeout=LEFTOVER_WAIT_S))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()

@@ -47,7 +47,8 @@ class HostPort:
             host, sep, port_text = text.rpartition(":")
             if not sep or not host or ":" in host:
                 raise ValueError(f"expected HOST:PORT (IPv6 in brackets), got {text!r}")
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        # isdigit() alone accepts non-ASCII digits such as "\u0663", which int() reads as 3.
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
             raise ValueError(f"port must be a number from 0 to 65535, got {port_text!r}")
         return cls(host, int(port_text))
 
@@ -145,9 +146,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     values: dict[str, Any] = {}
     for section, table in doc.items():
+        if not _is_section(section):
+            raise ConfigError(_unknown(section, path))
         if not isinstance(table, dict):
-            raise ConfigError(_unknown(section, path) if not _is_section(section) else
-                              f"[{section}] in {path} must be a table of keys")
+            raise ConfigError(f"[{section}] in {path} must be a table of keys")
         for name, raw in table.items():
             key = f"{section}.{name}"
             if key not in SETTINGS:

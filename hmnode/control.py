@@ -106,7 +106,14 @@ class ControlServer:
                     writer.write(encode_frame(_error("too_large", f"frame over {MAX_FRAME} bytes")))
                     return
                 body = await reader.readexactly(length)
-                writer.write(encode_frame(await self._answer(body)))
+                answer = await self._answer(body)
+                try:
+                    frame = encode_frame(answer)
+                except (TypeError, ValueError, ControlError):
+                    log.exception("control method's answer cannot be encoded")
+                    frame = encode_frame(_error("internal", "the agent's answer could not be "
+                                                            "encoded; see its log"))
+                writer.write(frame)
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             return

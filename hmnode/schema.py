@@ -83,23 +83,34 @@ class DataclassCodec(Generic[R]):
         self._names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
 
     def encode(self, record: R) -> bytes:
-        return _pack(dataclasses.asdict(record))  # type: ignore[call-overload]
+        # Refuse at write time what decode would refuse at read time: nothing unreadable is stored.
+        if not isinstance(record, self.cls):
+            raise ValueError(f"expected a {self.cls.__name__}, got {type(record).__name__}")
+        data = dataclasses.asdict(record)  # type: ignore[call-overload]
+        self._check(data, ValueError, "refusing to store")
+        return _pack(data)
 
     def decode(self, raw: bytes, table: str) -> R:
         data = _unpack(raw, table)
         if not isinstance(data, dict) or set(data) != self._names:
             raise StoreCorrupt(f"a record in table {table!r} is not a {self.cls.__name__}")
+        self._check(data, StoreCorrupt, f"in table {table!r}")
+        return self.cls(**data)
+
+    def _check(self, data: dict[str, Any], error: type[Exception], where: str) -> None:
         for name, value in data.items():
             if not _type_ok(value, self._hints[name]):
-                raise StoreCorrupt(f"{self.cls.__name__}.{name} in table {table!r} has a bad type")
-        return self.cls(**data)
+                raise error(f"{where}: {self.cls.__name__}.{name} has a bad type "
+                            f"({type(value).__name__})")
 
 
 class InventoryCodec:
     """The hardware inventory, through its own dict form."""
 
     def encode(self, record: Inventory) -> bytes:
-        return _pack(record.to_dict())
+        data = record.to_dict()
+        Inventory.from_dict(data)  # raises ValueError for what could not be read back
+        return _pack(data)
 
     def decode(self, raw: bytes, table: str) -> Inventory:
         try:

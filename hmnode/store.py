@@ -109,16 +109,20 @@ class Store:
             env.close()
             raise StoreError(f"the store at {path} has a damaged schema version: {found!r}")
         store = cls(path, env, {})
-        store._open_tables()
+        try:
+            store._open_tables()
+        except BaseException:
+            env.close()
+            raise
         if found is None:
             store.write(lambda tx: tx.put(schema.META, schema.META_SCHEMA_VERSION,
                                           schema.SCHEMA_VERSION))
         return store
 
     def _open_tables(self) -> None:
-        with self._env.begin(write=True) as txn:
-            for table in schema.TABLES:
-                self._dbs[table.name] = self._env.open_db(table.name.encode(), txn=txn)
+        # Creating a table takes pages too, so a full map grows here as it does in write().
+        self._in_write_txn(lambda txn: self._dbs.update(
+            {table.name: self._env.open_db(table.name.encode(), txn=txn) for table in schema.TABLES}))
 
     def read(self, fn: Callable[[Txn], T]) -> T:
         """Run `fn` in a read-only snapshot."""
@@ -139,10 +143,13 @@ class Store:
         outside the transaction.
         """
         self._check_open()
+        return self._in_write_txn(lambda txn: fn(Txn(txn, self._dbs)))
+
+    def _in_write_txn(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         while True:
             try:
                 with self._env.begin(write=True) as txn:
-                    return fn(Txn(txn, self._dbs))
+                    return fn(txn)
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.MapResizedError:

@@ -1,0 +1,24 @@
+"""The benchmark command runs real agents and prints the figures its note quotes."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import hmnode
+
+
+def test_startup_bench_prints_figures_beside_baselines_as_json() -> None:
+    result = hmnode("simnet", "bench", "startup", "--runs", "1", "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("ready_s", "restart_ready_s", "stop_s", "idle_rss_mib", "baseline_start_s",
+                "baseline_rss_mib", "ready_ratio", "rss_ratio"):
+        assert figures[key] > 0, key
+    assert figures["ready_ratio"] == round(figures["ready_s"] / figures["baseline_start_s"], 2)
+    assert "ratio" in result.stderr
+
+
+def test_bench_list_names_every_benchmark() -> None:
+    result = hmnode("simnet", "bench", "--list")
+    assert result.returncode == 0
+    assert result.stdout.startswith("startup")
