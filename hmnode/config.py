@@ -19,7 +19,7 @@ import tomli_w
 
 from hmnode.errors import ConfigError
 
-DEFAULT_PORT = 4740
+DEFAULT_PORT = 4819
 ENV_DATA_DIR = "HMNODE_DATA_DIR"
 
 

@@ -143,8 +143,8 @@ def test_killed_agent_leaves_state_that_a_restart_recovers(data_dir: Path, agent
 
 
 @pytest.mark.parametrize("content, needle", [
-    ('[node]\nlisen = "0.0.0.0:4740"\n', "node.lisen"),
-    ('[nod]\nlisten = "0.0.0.0:4740"\n', "nod"),
+    ('[node]\nlisen = "0.0.0.0:4819"\n', "node.lisen"),
+    ('[nod]\nlisten = "0.0.0.0:4819"\n', "nod"),
     ('[node]\nlisten = "nowhere"\n', "node.listen"),
     ('[inventory]\ninterval_s = -5\n', "inventory.interval_s"),
     ('[log]\nlevel = "loud"\n', "log.level"),

@@ -135,8 +135,8 @@ def test_known_section_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
     ('[node]\nlisten = "nonsense"\n', "node.listen"),
     ('[node]\nlisten = "0.0.0.0:70000"\n', "node.listen"),
     ('[node]\nlisten = "0.0.0.0:-1"\n', "node.listen"),
-    ('[node]\nlisten = "::1:4740"\n', "node.listen"),
-    ("[node]\nlisten = 4740\n", "node.listen"),
+    ('[node]\nlisten = "::1:4819"\n', "node.listen"),
+    ("[node]\nlisten = 4819\n", "node.listen"),
     ("[inventory]\ninterval_s = -1\n", "inventory.interval_s"),
     ("[inventory]\ninterval_s = 0\n", "inventory.interval_s"),
     ("[inventory]\ninterval_s = 1e9\n", "inventory.interval_s"),
@@ -233,7 +233,7 @@ def test_write_load_round_trip_property(level: str, fmt: str, interval: float, p
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("[::1]:4740", HostPort("::1", 4740)),
+    ("[::1]:4819", HostPort("::1", 4819)),
     ("0.0.0.0:0", HostPort("0.0.0.0", 0)),
     ("127.0.0.1:65535", HostPort("127.0.0.1", 65535)),
     ("example.org:80", HostPort("example.org", 80)),
@@ -245,7 +245,7 @@ def test_hostport_parses(text: str, expected: HostPort) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "::1:4740", "host:", ":80", "", "host", "[::1]", "[::1]:", "[::1]4740", "[1.2.3.4]:80",
+    "::1:4819", "host:", ":80", "", "host", "[::1]", "[::1]:", "[::1]4819", "[1.2.3.4]:80",
     "[nonsense]:80", "host:65536", "host:-1", "host:+1", "host:8o", "host: 80",
     "0.0.0.0:\u0663", "0.0.0.0:\u00b2",
 ])
@@ -256,7 +256,7 @@ def test_hostport_rejects(text: str) -> None:
 
 def test_hostport_rejects_non_strings() -> None:
     with pytest.raises(ValueError):
-        HostPort.parse(4740)  # type: ignore[arg-type]
+        HostPort.parse(4819)  # type: ignore[arg-type]
 
 
 ports = st.integers(min_value=0, max_value=65535)
