@@ -1,0 +1,283 @@
+"""The node's QUIC endpoint: one UDP socket per address family that both accepts and dials.
+
+aioquic's serve() and connect() bind a socket each, which would give every outbound connection
+its own port and make hole punching impossible. This endpoint routes every datagram that reaches
+its socket to the connection its destination connection id names (ids learnt from aioquic's
+ConnectionIdIssued/ConnectionIdRetired events), starts a server connection for a new Initial,
+and keeps at most one authenticated connection per peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic.buffer import Buffer
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+from hmnode.identity import NodeId, NodeKey
+from hmnode.transport.connection import Address, Handlers, PeerConnection, TransportError
+from hmnode.transport.quic import MutualQuicConnection, QuicTuning, make_configuration
+from hmnode.transport.wire import ErrorCode
+
+log = logging.getLogger(__name__)
+
+_CID_LENGTH = 8
+# RFC 9000 section 14.1: a client's first datagram is at least this long (anti-amplification).
+_MIN_INITIAL = 1200
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Bounds on what peers can make this node hold, and its keepalive cadence."""
+
+    max_connections: int = 256
+    max_per_ip: int = 16
+    # Below the ~30 s after which NATs commonly drop a UDP binding.
+    keepalive_s: float = 10.0
+    connect_timeout_s: float = 10.0
+
+
+class _Socket(asyncio.DatagramProtocol):
+    def __init__(self, endpoint: "Endpoint") -> None:
+        self.endpoint = endpoint
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.endpoint.datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("socket error: %s", exc)
+
+
+class Endpoint:
+    """Accepts and dials authenticated QUIC connections over one socket per address family."""
+
+    def __init__(self, key: NodeKey, handlers: Handlers | None = None,
+                 tuning: QuicTuning = QuicTuning(), limits: ConnectionLimits = ConnectionLimits()) -> None:
+        self.key = key
+        self.node_id = key.node_id
+        self.handlers = handlers or Handlers()
+        self.tuning = tuning
+        self.limits = limits
+        self._server_config = make_configuration(key, is_client=False, tuning=tuning)
+        self._client_config = make_configuration(key, is_client=True, tuning=tuning)
+        self._sockets: dict[int, asyncio.DatagramTransport] = {}
+        self._routes: dict[bytes, PeerConnection] = {}
+        self._live: set[PeerConnection] = set()
+        self.peers: dict[NodeId, PeerConnection] = {}
+        self.misbehaviour: Counter[str] = Counter()
+        self._keepalive: asyncio.Task | None = None
+        self.raw_datagram_handler: Any = None
+
+    # --- sockets ----------------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> list[Address]:
+        """Bind; "0.0.0.0" also binds "::" (IPv6 only) on the same port where IPv6 exists."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Socket(self), sock=_bind(family, host, port))
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        self._sockets[family] = transport
+        if host == "0.0.0.0":
+            bound_port = transport.get_extra_info("sockname")[1]
+            try:
+                transport6, _ = await loop.create_datagram_endpoint(
+                    lambda: _Socket(self), sock=_bind(socket.AF_INET6, "::", bound_port))
+                self._sockets[socket.AF_INET6] = transport6
+            except OSError as exc:
+                log.info("no IPv6 socket on port %d: %s", bound_port, exc)
+        self._keepalive = asyncio.create_task(self._keep_alive(), name="transport-keepalive")
+        return self.addresses
+
+    @property
+    def addresses(self) -> list[Address]:
+        """The bound (host, port) of each socket."""
+        return [tuple(t.get_extra_info("sockname")[:2]) for t in self._sockets.values()]  # type: ignore[misc]
+
+    def send_raw(self, data: bytes, addr: Address) -> None:
+        """Send one UDP datagram from the endpoint's socket (QUIC's, or a hole punch's)."""
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        sock = self._sockets.get(family)
+        if sock is not None and not sock.is_closing():
+            sock.sendto(data, addr)
+
+    # --- routing ----------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
+        except ValueError:
+            if self.raw_datagram_handler is not None:
+                self.raw_datagram_handler(data, addr)
+            return
+        conn = self._routes.get(header.destination_cid)
+        if conn is None:
+            if header.packet_type != QuicPacketType.INITIAL or len(data) < _MIN_INITIAL:
+                return
+            if header.version not in self._server_config.supported_versions:
+                return
+            refusal = self._over_limit(addr)
+            conn = self._accept(header.destination_cid, addr)
+            if refusal:
+                # Read the Initial first, so that the refusal can be sent in reply to it.
+                log.info("refusing connection from %s: %s", addr[0], refusal)
+                conn.datagram_received(data, addr)
+                conn.close(ErrorCode.CONNECTION_LIMIT, refusal)
+                return
+        conn.datagram_received(data, addr)
+
+    def _accept(self, original_cid: bytes, addr: Any) -> PeerConnection:
+        quic = MutualQuicConnection(configuration=self._server_config,
+                                    original_destination_connection_id=original_cid)
+        conn = PeerConnection(self, quic, addr, expected=None)
+        self._register(conn)
+        self._routes[original_cid] = conn
+        return conn
+
+    def _over_limit(self, addr: Any) -> str | None:
+        if len(self._live) >= self.limits.max_connections:
+            return f"connection limit ({self.limits.max_connections}) reached"
+        same_ip = sum(1 for c in self._live if c.addr[0] == addr[0])
+        if same_ip >= self.limits.max_per_ip:
+            return f"per-address limit ({self.limits.max_per_ip}) reached"
+        return None
+
+    def _register(self, conn: PeerConnection) -> None:
+        self._live.add(conn)
+        self._routes[conn.quic.host_cid] = conn
+
+    def route_add(self, cid: bytes, conn: PeerConnection) -> None:
+        self._routes[cid] = conn
+
+    def route_remove(self, cid: bytes) -> None:
+        self._routes.pop(cid, None)
+
+    # --- connections ------------------------------------------------------------------------
+
+    async def connect(self, addr: Address, expected: NodeId | None = None,
+                      timeout: float | None = None) -> PeerConnection:
+        """An authenticated connection to the node at `addr` (reused if one exists).
+
+        With `expected`, the peer must prove that node id; without, whoever answers is accepted
+        (an unpinned dial: the caller learns the id from the connection).
+        """
+        if expected is not None:
+            existing = self.peers.get(expected)
+            if existing is not None and existing.is_established:
+                return existing
+        addr = await _resolve(addr)
+        if (socket.AF_INET6 if ":" in addr[0] else socket.AF_INET) not in self._sockets:
+            raise TransportError(f"no socket of {addr[0]}'s address family; listen on one first")
+        quic = MutualQuicConnection(configuration=self._client_config)
+        conn = PeerConnection(self, quic, addr, expected)
+        self._register(conn)
+        quic.connect(addr, now=asyncio.get_running_loop().time())
+        conn.transmit()
+        timeout = self.limits.connect_timeout_s if timeout is None else timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(conn.established)
+        except TimeoutError:
+            conn.close(ErrorCode.TIMEOUT, "handshake timed out")
+            raise TransportError(f"no answer from {addr[0]}:{addr[1]} within {timeout:g} s") from None
+        except TransportError:
+            if conn.close_code == ErrorCode.DUPLICATE_CONNECTION and conn.peer_id in self.peers:
+                return await self._settled(conn.peer_id)
+            raise
+        return self.peers.get(conn.peer_id, conn)  # type: ignore[arg-type]
+
+    async def _settled(self, peer: NodeId) -> PeerConnection:
+        survivor = self.peers[peer]
+        await asyncio.wait_for(asyncio.shield(survivor.established), self.limits.connect_timeout_s)
+        return survivor
+
+    def on_authenticated(self, conn: PeerConnection) -> None:
+        """Keep one connection per peer; both ends pick the same survivor of a simultaneous dial."""
+        assert conn.peer_id is not None
+        existing = self.peers.get(conn.peer_id)
+        if existing is None or existing is conn or existing.closed.done():
+            self.peers[conn.peer_id] = conn
+            return
+        keep = self._preferred(existing, conn)
+        loser = conn if keep is existing else existing
+        self.peers[conn.peer_id] = keep
+        loser.close(ErrorCode.DUPLICATE_CONNECTION, "duplicate connection")
+
+    def _preferred(self, old: PeerConnection, new: PeerConnection) -> PeerConnection:
+        if old.is_client == new.is_client:
+            return new  # a redial (say, after the peer restarted): the old one is stale
+        # Opposite directions: keep the one dialled by the smaller node id, on both ends.
+        dialer_is_us = self.node_id < new.peer_id  # type: ignore[operator]
+        return new if new.is_client == dialer_is_us else old
+
+    def on_closed(self, conn: PeerConnection) -> None:
+        self._live.discard(conn)
+        for cid in [cid for cid, c in self._routes.items() if c is conn]:
+            del self._routes[cid]
+        if conn.peer_id is not None and self.peers.get(conn.peer_id) is conn:
+            del self.peers[conn.peer_id]
+
+    def record_misbehaviour(self, conn: PeerConnection, what: str) -> None:
+        """Count a malformed message against the peer that sent it (by node id, else address)."""
+        self.misbehaviour[str(conn.peer_id) if conn.peer_id else conn.addr[0]] += 1
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.keepalive_s)
+            for conn in list(self.peers.values()):
+                conn.ping()
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Close every connection (telling peers) and the sockets; leaves no task behind."""
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            await asyncio.gather(self._keepalive, return_exceptions=True)
+            self._keepalive = None
+        for conn in list(self._live):
+            conn.close(ErrorCode.SHUTDOWN, "node shutting down")
+        for conn in list(self._live):
+            conn.drop()
+        for transport in self._sockets.values():
+            transport.close()
+        self._sockets.clear()
+        self._routes.clear()
+        self._live.clear()
+        self.peers.clear()
+
+
+def _bind(family: int, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _resolve(addr: Address) -> Address:
+    """A literal IP stays as it is; a host name is resolved (once, at dial time)."""
+    host, port = addr[0], addr[1]
+    try:
+        ipaddress.ip_address(host)
+        return (host, port)
+    except ValueError:
+        pass
+    try:
+        info = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise TransportError(f"cannot resolve {host}: {exc.strerror}") from exc
+    return info[0][4][:2]  # type: ignore[return-value]

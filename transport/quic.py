@@ -1,0 +1,73 @@
+"""hmnode's use of aioquic: configurations, and the one place that reaches into aioquic's internals.
+
+aioquic has no public API to ask for a client certificate (its issues #541 and #586), to read
+the peer's certificate, or to see how much of a stream is still buffered. This module adapts
+those three things and nothing else; tests/test_quic_adapter.py pins each one, so that an aioquic
+upgrade that moves them fails there, loudly, rather than weakening authentication silently.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from cryptography import x509
+
+from hmnode.identity import NodeKey
+from hmnode.transport import certs
+from hmnode.transport.wire import ALPN, MAX_DATAGRAM_BYTES
+
+
+@dataclass(frozen=True)
+class QuicTuning:
+    """The knobs that set throughput and liveness; defaults suit the internet's 1200-byte floor."""
+
+    max_datagram_size: int = 1200
+    flow_window: int = 1 << 20
+    congestion_control: str = "reno"
+    idle_timeout_s: float = 60.0
+
+
+def make_configuration(key: NodeKey, is_client: bool, tuning: QuicTuning = QuicTuning()) -> QuicConfiguration:
+    """A configuration that presents the node's certificate on both sides and checks nothing
+    against CAs: the peer's key is checked against its node id after the handshake instead."""
+    config = QuicConfiguration(
+        is_client=is_client,
+        alpn_protocols=[ALPN],
+        certificate=certs.make_certificate(key),
+        private_key=certs.private_key(key),
+        verify_mode=ssl.CERT_NONE,
+        max_datagram_frame_size=MAX_DATAGRAM_BYTES + 64,
+        max_datagram_size=tuning.max_datagram_size,
+        max_data=tuning.flow_window * 4,
+        max_stream_data=tuning.flow_window,
+        congestion_control_algorithm=tuning.congestion_control,
+        idle_timeout=tuning.idle_timeout_s,
+    )
+    return config
+
+
+class MutualQuicConnection(QuicConnection):
+    """A QuicConnection whose server side requires the client's certificate (mutual TLS)."""
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            self.tls._request_client_certificate = True
+
+
+def peer_certificate(connection: QuicConnection) -> x509.Certificate | None:
+    """The certificate the peer presented in the handshake, or None."""
+    tls = getattr(connection, "tls", None)
+    return None if tls is None else tls._peer_certificate
+
+
+def unacked_stream_bytes(connection: QuicConnection, stream_id: int) -> int:
+    """Bytes written to a stream that the peer has not acknowledged yet (sent or still queued)."""
+    stream = connection._streams.get(stream_id)
+    if stream is None:
+        return 0
+    sender = stream.sender
+    return sender._buffer_stop - sender._buffer_start
