@@ -131,8 +131,29 @@ def status(data_dir: Path | None, as_json: bool) -> None:
     click.echo(f"version    {info['version']}")
     click.echo(f"pid        {info['pid']}")
     click.echo(f"uptime     {info['uptime_s']:.0f} s")
-    click.echo(f"listen     {info['listen']}")
+    click.echo(f"listen     {', '.join(info['addresses'])} (configured {info['listen']})")
+    click.echo(f"peers      {info['peers']}")
     click.echo(f"data dir   {info['data_dir']}")
+
+
+@main.command()
+@_data_dir_option
+@_json_option
+def peers(data_dir: Path | None, as_json: bool) -> None:
+    """List the peers this node is connected to, with address, RTT and bytes in and out."""
+    dd = _resolve(data_dir)
+    rows = control.call(dd.control_socket, "peers")
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        click.echo("no peers connected")
+        return
+    click.echo(f"{'node id':58} {'dir':3} {'address':24} {'rtt ms':>8} {'bytes in':>10} {'bytes out':>10}")
+    for row in rows:
+        rtt = "-" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f}"
+        click.echo(f"{row['node_id']:58} {row['direction']:3} {row['address']:24} {rtt:>8} "
+                   f"{row['bytes_in']:>10} {row['bytes_out']:>10}")
 
 
 @main.command()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from hmnode import __version__, schema
-from hmnode.config import Config, write_config
+from hmnode.config import Config, HostPort, write_config
 from hmnode.control import ControlServer, MethodError
 from hmnode.datadir import DataDir
 from hmnode.errors import IdentityError
@@ -20,6 +20,8 @@ from hmnode.identity import NodeId, NodeKey, load_or_create_key
 from hmnode.schema import AgentRun, NodeEvent
 from hmnode.store import Store, Txn
 from hmnode.supervisor import Subsystem, Supervisor
+from hmnode.transport.connection import Handlers
+from hmnode.transport.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,25 +90,34 @@ class Agent:
         self._inventory: Inventory | None = store.read(
             lambda tx: tx.get(schema.INVENTORY, schema.INVENTORY_LATEST))
         self._inventory_fresh = asyncio.Event()
+        self.endpoint = Endpoint(key, Handlers())
         self.control = ControlServer(data_dir.control_socket, {
             "status": self._status,
             "assets": self._assets,
+            "peers": self._peers,
         })
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> str | None:
         """Serve until stopped; returns None after a clean stop, or what failed."""
-        run_key = self.store.write(self._record_start)
-        await self.control.start()
-        log.info("node %s ready: control socket %s", self.key.node_id, self.data_dir.control_socket,
-                 extra={"event": "ready", "node_id": str(self.key.node_id)})
+        # Bind before anything is recorded, so that a taken port fails the start cleanly.
+        addresses = await self.endpoint.start(self.config.listen.host, self.config.listen.port)
         try:
-            failure = await self.supervisor.run([
-                Subsystem("inventory", self._refresh_inventory),
-            ])
+            run_key = self.store.write(self._record_start)
+            await self.control.start()
+            log.info("node %s ready: listening on %s, control socket %s", self.key.node_id,
+                     ", ".join(_format_addr(a) for a in addresses), self.data_dir.control_socket,
+                     extra={"event": "ready", "node_id": str(self.key.node_id),
+                            "addresses": [_format_addr(a) for a in addresses]})
+            try:
+                failure = await self.supervisor.run([
+                    Subsystem("inventory", self._refresh_inventory),
+                ])
+            finally:
+                await self.control.close()
         finally:
-            await self.control.close()
+            await self.endpoint.close()
         reason = failure or self.supervisor.stop_reason or "stopped"
         log.info("node %s stopped (%s)", self.key.node_id, reason,
                  extra={"event": "stopped", "clean": failure is None})
@@ -158,6 +169,8 @@ class Agent:
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "started_at": self.started_at,
             "listen": str(self.config.listen),
+            "addresses": [_format_addr(a) for a in self.endpoint.addresses],
+            "peers": len(self.endpoint.peers),
             "store_map_bytes": self.store.map_size,
         }
 
@@ -171,6 +184,24 @@ class Agent:
                                                    "try again in a moment") from None
         assert self._inventory is not None
         return self._inventory.to_dict()
+
+
+    async def _peers(self, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [{
+            "node_id": str(node_id),
+            "address": _format_addr(conn.addr),
+            "direction": "out" if conn.is_client else "in",
+            "rtt_ms": None if conn.rtt_s is None else round(conn.rtt_s * 1000, 3),
+            "bytes_in": conn.bytes_in,
+            "bytes_out": conn.bytes_out,
+            "connected_s": round(now - conn.created_at, 3),
+            "malformed": self.endpoint.misbehaviour[str(node_id)],
+        } for node_id, conn in sorted(self.endpoint.peers.items())]
+
+
+def _format_addr(addr: tuple) -> str:
+    return str(HostPort(addr[0], addr[1]))
 
 
 def _append_event(tx: Txn, event: NodeEvent) -> None:

@@ -15,7 +15,7 @@ from conftest import clean_env, hmnode
 from hmnode import __version__, schema
 from hmnode.store import Store
 
-COMMANDS = ["init", "run", "id", "status", "assets"]
+COMMANDS = ["init", "run", "id", "status", "assets", "peers"]
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -171,19 +171,43 @@ def test_bad_environment_value_names_the_variable(data_dir: Path) -> None:
 
 
 def test_precedence_flag_over_environment_over_file(data_dir: Path, agents) -> None:
-    assert hmnode("init", "--listen", "127.0.0.1:1111", "--data-dir", data_dir).returncode == 0
-    env = clean_env(HMNODE_LISTEN="127.0.0.1:2222")
-    from_file = agents(data_dir)
-    assert from_file.wait_ready()["listen"] == "127.0.0.1:1111"
-    assert from_file.stop()[0] == 0
-    from_env = agents(data_dir, env=env)
-    assert from_env.wait_ready()["listen"] == "127.0.0.1:2222"
-    assert from_env.stop()[0] == 0
-    from_flag = agents(data_dir, "--listen", "127.0.0.1:3333", env=env)
-    assert from_flag.wait_ready()["listen"] == "127.0.0.1:3333"
-    assert from_flag.stop()[0] == 0
+    # Distinct loopback hosts, port 0: each source is recognisable and never collides.
+    assert hmnode("init", "--listen", "127.0.0.2:0", "--data-dir", data_dir).returncode == 0
+    without_listen = {k: v for k, v in clean_env().items() if k != "HMNODE_LISTEN"}
+    env = {**without_listen, "HMNODE_LISTEN": "127.0.0.3:0"}
+    for args, run_env, host in [((), without_listen, "127.0.0.2"), ((), env, "127.0.0.3"),
+                                (("--listen", "127.0.0.4:0"), env, "127.0.0.4")]:
+        agent = agents(data_dir, *args, env=run_env)
+        status = agent.wait_ready()
+        assert status["listen"] == f"{host}:0"
+        [bound] = status["addresses"]
+        assert bound.startswith(f"{host}:") and int(bound.rsplit(":", 1)[1]) > 0
+        assert agent.stop()[0] == 0
     # The flags of a run are not written back to the file.
-    assert '"127.0.0.1:1111"' in (data_dir / "config.toml").read_text()
+    assert '"127.0.0.2:0"' in (data_dir / "config.toml").read_text()
+
+
+def test_a_taken_port_fails_the_start_cleanly(data_dir: Path, agents) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = hmnode("run", "--listen", f"127.0.0.1:{port}", "--data-dir", data_dir)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--listen" in result.stderr
+    # Nothing was recorded as a run: the next start is not told of an unclean stop.
+    runs, events = _runs_and_events(data_dir)
+    assert runs == [] and "unclean_stop" not in [e.kind for e in events]
+
+
+def test_peers_lists_nothing_before_any_peer_connects(data_dir: Path, agents) -> None:
+    agent = agents(data_dir)
+    assert agent.wait_ready()["peers"] == 0
+    result = hmnode("peers", "--json", "--data-dir", data_dir)
+    assert result.returncode == 0 and json.loads(result.stdout) == []
+    assert "no peers connected" in hmnode("peers", "--data-dir", data_dir).stdout
+    assert hmnode("peers", "--data-dir", data_dir / "none").returncode == 3
 
 
 def test_data_dir_from_environment(tmp_path: Path) -> None:

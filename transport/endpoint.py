@@ -20,8 +20,10 @@ from typing import Any
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
+from hmnode.errors import UsageError
 from hmnode.identity import NodeId, NodeKey
 from hmnode.transport.connection import Address, Handlers, PeerConnection, TransportError
+from hmnode.transport.redial import Redialer
 from hmnode.transport.quic import MutualQuicConnection, QuicTuning, make_configuration
 from hmnode.transport.wire import ErrorCode
 
@@ -30,6 +32,10 @@ log = logging.getLogger(__name__)
 _CID_LENGTH = 8
 # RFC 9000 section 14.1: a client's first datagram is at least this long (anti-amplification).
 _MIN_INITIAL = 1200
+
+
+class ListenError(UsageError):
+    """The endpoint cannot bind its address (in use, not local, not permitted)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class Endpoint:
         self.peers: dict[NodeId, PeerConnection] = {}
         self.misbehaviour: Counter[str] = Counter()
         self._keepalive: asyncio.Task | None = None
+        self._redialers: dict[Address, Redialer] = {}
         self.raw_datagram_handler: Any = None
 
     # --- sockets ----------------------------------------------------------------------------
@@ -84,7 +91,8 @@ class Endpoint:
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: _Socket(self), sock=_bind(family, host, port))
         except OSError as exc:
-            raise TransportError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+            raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                              "choose another address with --listen or node.listen") from exc
         self._sockets[family] = transport
         if host == "0.0.0.0":
             bound_port = transport.get_extra_info("sockname")[1]
@@ -199,6 +207,13 @@ class Endpoint:
         await asyncio.wait_for(asyncio.shield(survivor.established), self.limits.connect_timeout_s)
         return survivor
 
+    def keep_connected(self, addr: Address, expected: NodeId | None = None) -> Redialer:
+        """Hold a connection to the node at `addr` open, redialling with backoff when it drops."""
+        redialer = self._redialers.get(addr)
+        if redialer is None:
+            redialer = self._redialers[addr] = Redialer(self, addr, expected)
+        return redialer
+
     def on_authenticated(self, conn: PeerConnection) -> None:
         """Keep one connection per peer; both ends pick the same survivor of a simultaneous dial."""
         assert conn.peer_id is not None
@@ -243,6 +258,9 @@ class Endpoint:
             self._keepalive.cancel()
             await asyncio.gather(self._keepalive, return_exceptions=True)
             self._keepalive = None
+        for redialer in self._redialers.values():
+            await redialer.stop()
+        self._redialers.clear()
         for conn in list(self._live):
             conn.close(ErrorCode.SHUTDOWN, "node shutting down")
         for conn in list(self._live):

@@ -456,7 +456,7 @@ class FrameReader:
         try:
             return self._take(view)
         except WireError as exc:
-            self._error = exc
+            pass
             self._buf = bytearray()
             raise
 
