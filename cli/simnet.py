@@ -27,7 +27,7 @@ def bench(name: str | None, runs: int, as_json: bool, list_only: bool) -> None:
             click.echo(f"{bench_name:12} {(module.__doc__ or '').strip().splitlines()[0]}")
         return
     module = BENCHMARKS[name]
-    with click.progressbar(length=runs, label=f"bench {name}", file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=runs * module.STEPS_PER_RUN, label=f"bench {name}", file=click.get_text_stream("stderr")) as bar:
         figures = module.run(runs=runs, progress=bar.update)
     for line in module.report(figures):
         click.echo(line, err=as_json)

@@ -118,6 +118,8 @@ class PeerConnection:
         self._handlers_running = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._flush_scheduled = False
+        self._dropped = False
         self._progress = asyncio.Event()
         self._pings: dict[int, float] = {}
         self._ping_ids = itertools.count(1)
@@ -141,7 +143,17 @@ class PeerConnection:
         self.transmit()
 
     def transmit(self) -> None:
-        """Send what the QUIC connection has queued and re-arm its timer."""
+        """Send what the connection has queued, at the end of this turn of the event loop, so that
+        everything queued in one turn (many requests, acks for many datagrams) shares packets."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send what the QUIC connection has queued now, and re-arm its timer."""
+        self._flush_scheduled = False
+        if self._dropped:
+            return
         now = self._now()
         for data, addr in self.quic.datagrams_to_send(now=now):
             self.bytes_out += len(data)
@@ -484,7 +496,7 @@ class PeerConnection:
         if self.closed.done():
             return
         self.quic.close(error_code=int(code), reason_phrase=reason)
-        self.transmit()
+        self.flush()  # now: the endpoint may close its socket right after
         self._terminated(reason or f"closed locally ({ErrorCode(code).name})", int(code))
 
     def _terminated(self, reason: str, code: int) -> None:
@@ -510,7 +522,8 @@ class PeerConnection:
         self.endpoint.on_closed(self)
 
     def drop(self) -> None:
-        """Forget the connection without a word to the peer (the endpoint is going away)."""
+        """Stop all activity of the connection (the endpoint is going away)."""
+        self._dropped = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

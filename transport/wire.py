@@ -456,7 +456,7 @@ class FrameReader:
         try:
             return self._take(view)
         except WireError as exc:
-            pass
+            self._error = exc
             self._buf = bytearray()
             raise
 
@@ -474,7 +474,7 @@ class FrameReader:
                                 f"{self._max_frame}", ErrorCode.TOO_LARGE)
             self._need = length
         need = self._need
-        if not self._buf and len(view) >= need:
+        if len(view) >= need:
             # The whole frame is in this chunk: decode it in place, without copying.
             body: bytes | bytearray | memoryview = view[:need]
             view = view[need:]

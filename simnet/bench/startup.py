@@ -24,6 +24,7 @@ from hmnode.datadir import DataDir
 from hmnode.errors import HmnodeError
 
 READY_TIMEOUT_S = 30.0
+STEPS_PER_RUN = 1
 IDLE_S = 2.0
 
 
