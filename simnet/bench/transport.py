@@ -1,8 +1,8 @@
 """Transport throughput, handshakes, RPC and datagram rates between two processes on loopback,
 beside stock aioquic (its own serve/connect, same packet size and windows) in the same run.
 
-The server side runs in a child process (`python -m hmnode.simnet.bench.transport serve ...`), as
-two nodes would; both sides use uvloop where it is installed.
+The server side runs in a child process (`python -m hmnode.simnet.bench.peer ...`), as two nodes
+would; both sides use uvloop where it is installed.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class _Server:
 
     def __init__(self, kind: str, profile: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hmnode.simnet.bench.transport", "serve", kind, profile],
+            [sys.executable, "-m", "hmnode.simnet.bench.peer", kind, profile],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().split()  # type: ignore[union-attr]
         if not line or line[0] != "READY":
@@ -265,17 +265,15 @@ def report(f: dict[str, Any]) -> list[str]:
     return lines
 
 
+def serve(kind: str, profile: str) -> None:
+    """The child process's side: serve `kind` ("hmnode" or "aioquic") until stdin closes."""
+    tuning = PROFILES[profile]
+    _run(_serve_hmnode(tuning) if kind == "hmnode" else _serve_stock(tuning))
+
+
 def _run(coro: Any) -> Any:
     try:
         import uvloop
         return uvloop.run(coro)
     except ImportError:
         return asyncio.run(coro)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "serve":
-        tuning = PROFILES[sys.argv[3]]
-        _run(_serve_hmnode(tuning) if sys.argv[2] == "hmnode" else _serve_stock(tuning))
-    else:
-        sys.exit("usage: python -m hmnode.simnet.bench.transport serve hmnode|aioquic PROFILE")
