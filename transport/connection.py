@@ -115,6 +115,8 @@ class PeerConnection:
         self.strikes = 0
         self._pending: dict[int, asyncio.Future] = {}
         self._inbound: dict[int, _InboundStream] = {}
+        # Peer streams this node refused (stop_stream sent): the rest of their data is dropped.
+        self._refused: set[int] = set()
         self._handlers_running = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -232,6 +234,10 @@ class PeerConnection:
         locally_initiated = (sid & 1) == (0 if self.is_client else 1)
         if locally_initiated:
             return  # a stream whose request was given up (timeout, cancel): drop the late answer
+        if sid in self._refused:
+            if event.end_stream:
+                self._refused.discard(sid)
+            return  # the rest of a refused stream, sent before the peer heard of the refusal
         inbound = self._inbound.get(sid)
         if inbound is None:
             inbound = self._inbound[sid] = _InboundStream(FrameReader())
@@ -248,6 +254,8 @@ class PeerConnection:
                 self._end_inbound(sid, inbound)
         except WireError as exc:
             self._strike(sid, exc)
+        if event.end_stream:
+            self._refused.discard(sid)  # nothing more can come on it
 
     def _on_request_stream(self, sid: int, inbound: _InboundStream, data: bytes) -> None:
         if inbound.task is not None:
@@ -267,6 +275,7 @@ class PeerConnection:
                 self._answer(sid, ErrorResponse(sid, "unsupported", "this node takes no bulk streams"))
                 self.quic.stop_stream(sid, ErrorCode.UNKNOWN_METHOD)
                 del self._inbound[sid]
+                self._refused.add(sid)
                 return
             inbound.sink = handler(self, message)
             if rest:
@@ -286,7 +295,8 @@ class PeerConnection:
         elif not inbound.reader.at_boundary():
             raise WireError("stream ended inside a message")
         elif inbound.task is None:
-            del self._inbound[sid]
+            if self._inbound.pop(sid, None) is None:
+                return  # answered at once (unknown method, busy, no bulk) and forgotten
             if not sid & 2:
                 raise WireError("stream ended without a request")
 
@@ -310,6 +320,7 @@ class PeerConnection:
             self.endpoint.handlers.datagram(self, message.topic, message.body)
 
     def _on_stream_reset(self, sid: int, reason: str) -> None:
+        self._refused.discard(sid)
         future = self._pending.pop(sid, None)
         if future is not None and not future.done():
             future.set_exception(TransportError(f"request stream {reason}"))
@@ -330,6 +341,7 @@ class PeerConnection:
             if inbound is not None and inbound.sink is not None:
                 inbound.sink.abort(str(exc))
             self.quic.stop_stream(sid, exc.code)
+            self._refused.add(sid)
             if not sid & 2:
                 self.quic.reset_stream(sid, exc.code)
         if self.strikes >= MAX_STRIKES:

@@ -52,6 +52,11 @@ class ConnectionLimits:
 class _Socket(asyncio.DatagramProtocol):
     def __init__(self, endpoint: "Endpoint") -> None:
         self.endpoint = endpoint
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.endpoint.datagram_received(data, addr)
@@ -200,7 +205,18 @@ class Endpoint:
             if conn.close_code == ErrorCode.DUPLICATE_CONNECTION and conn.peer_id in self.peers:
                 return await self._settled(conn.peer_id)
             raise
+        await self._await_rival(conn)
         return self.peers.get(conn.peer_id, conn)  # type: ignore[arg-type]
+
+    async def _await_rival(self, conn: PeerConnection) -> None:
+        """In a simultaneous dial, wait for the peer's own dial to us if it is the one both ends
+        will keep, rather than hand back a connection about to be closed as a duplicate."""
+        if not self.node_id > conn.peer_id:  # type: ignore[operator]
+            return  # our dial is the one kept
+        rivals = [c.established for c in self._live
+                  if not c.is_client and c.addr[:2] == conn.addr[:2] and not c.established.done()]
+        if rivals:
+            await asyncio.wait(rivals, timeout=self.limits.connect_timeout_s)
 
     async def _settled(self, peer: NodeId) -> PeerConnection:
         survivor = self.peers[peer]
@@ -267,6 +283,8 @@ class Endpoint:
             conn.drop()
         for transport in self._sockets.values():
             transport.close()
+        # The socket itself is closed a loop iteration later; wait, so the port is free on return.
+        await asyncio.gather(*(t.get_protocol().closed for t in self._sockets.values()))
         self._sockets.clear()
         self._routes.clear()
         self._live.clear()
