@@ -18,13 +18,14 @@ Messages travel in three ways:
   then raw bytes to the end of the stream (`FrameReader.feed_one`).
 
 Bodies (`body`, `meta`) may hold None, bool, int (-2**63 .. 2**64-1), float, str, bytes, lists
-and maps whose keys are str or int. Tuples are sent as lists, so a decoded message equals the
-sent one only after tuples are replaced by lists. Maps nest at most MAX_DEPTH deep (the message's
-own map is depth 1) and no list or map holds more than MAX_ITEMS elements.
+and maps whose keys are str or int, none repeated. Tuples are sent as lists, so a decoded
+message equals the sent one only after tuples are replaced by lists. Lists and maps nest at most
+MAX_DEPTH deep (the message's own map is depth 1) and none holds more than MAX_ITEMS elements.
 
 Encoding checks everything that decoding checks, so this node never sends what a peer refuses.
 Every violation, either way, raises WireError, whose `code` is the QUIC application error code
-to close the stream or connection with.
+to close the stream or connection with: TOO_LARGE for a size, depth or item-count limit,
+PROTOCOL_ERROR for anything else.
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ def _check_body(tag: str, name: str, value: Any, *, encoding: bool = False) -> N
             continue
         is_list = isinstance(item, list) or (encoding and isinstance(item, tuple))
         if not is_list and not isinstance(item, dict):
-            raise WireError(f"{tag!r} message: field {name!r} holds a {_describe(item)}, "
-                            "which the wire cannot carry")
+            raise WireError(f"{tag!r} message: field {name!r} holds a value of type "
+                            f"{_describe(item)}, which the wire cannot carry")
         if depth > MAX_DEPTH:
             raise WireError(f"{tag!r} message: field {name!r} nests deeper than "
                             f"{MAX_DEPTH} levels", ErrorCode.TOO_LARGE)
@@ -474,7 +475,7 @@ class FrameReader:
                                 f"{self._max_frame}", ErrorCode.TOO_LARGE)
             self._need = length
         need = self._need
-        if len(view) >= need:
+        if not self._buf and len(view) >= need:
             # The whole frame is in this chunk: decode it in place, without copying.
             body: bytes | bytearray | memoryview = view[:need]
             view = view[need:]
