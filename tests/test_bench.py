@@ -26,3 +26,20 @@ def test_bench_list_names_every_benchmark() -> None:
     result = hmnode("simnet", "bench", "--list")
     assert result.returncode == 0
     assert result.stdout.startswith("startup")
+
+
+def test_transport_bench_measures_ours_beside_stock_aioquic() -> None:
+    """A small run through both real processes: every key the issue names, with sane values."""
+    from hmnode.simnet.bench import transport
+
+    counts = transport.Counts(bulk_bytes=4 << 20, handshakes=20, rpcs=200, datagrams=500)
+    figures = transport.run(runs=1, counts=counts)
+    for prefix in ("", "loopback_"):
+        for key in ("throughput_mbps", "baseline_mbps", "handshake_ms_p50", "handshake_ms_p99",
+                    "rpc_per_s", "datagrams_per_s"):
+            assert figures[prefix + key] > 0, prefix + key
+        assert figures[prefix + "ratio"] == pytest.approx(
+            figures[prefix + "throughput_mbps"] / figures[prefix + "baseline_mbps"], rel=0.01)
+        assert figures[prefix + "handshake_ms_p50"] <= figures[prefix + "handshake_ms_p99"]
+        assert 0 < figures[prefix + "datagrams_delivered"] <= 1
+    assert any("stock aioquic" in line for line in transport.report(figures))

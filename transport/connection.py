@@ -44,9 +44,10 @@ Address = tuple[str, int]
 MAX_STRIKES = 3
 # Requests a peer may have running on this node at once, per connection.
 MAX_CONCURRENT_HANDLERS = 256
-# A bulk writer waits while this many of its bytes are unacknowledged: enough to fill the
-# flow-control window, few enough that a slow receiver cannot make the sender buffer a file.
-BULK_HIGH_WATER = 2 << 20
+# A bulk writer waits while more of its bytes than this many stream flow-control windows are
+# unacknowledged: enough to keep the window full, few enough that a slow receiver cannot make
+# the sender buffer a whole file.
+BULK_HIGH_WATER_WINDOWS = 2
 BULK_CHUNK = 64 << 10
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -479,8 +480,9 @@ class PeerConnection:
             self._inbound.pop(sid, None)
 
     async def _write_bulk(self, sid: int, chunk: bytes, answer: asyncio.Future) -> None:
+        high_water = BULK_HIGH_WATER_WINDOWS * self.quic.configuration.max_stream_data
         for start in range(0, len(chunk), BULK_CHUNK):
-            while unacked_stream_bytes(self.quic, sid) > BULK_HIGH_WATER:
+            while unacked_stream_bytes(self.quic, sid) > high_water:
                 if answer.done() or self.closed.done():
                     break
                 self._progress.clear()

@@ -20,6 +20,9 @@ from hmnode.transport import certs
 from hmnode.transport.wire import ALPN, MAX_DATAGRAM_BYTES
 
 
+MAX_PACKET = 16384
+
+
 @dataclass(frozen=True)
 class QuicTuning:
     """The knobs that set throughput and liveness; defaults suit the internet's 1200-byte floor."""
@@ -28,6 +31,14 @@ class QuicTuning:
     flow_window: int = 1 << 20
     congestion_control: str = "reno"
     idle_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        # Above 16 KiB aioquic 1.7 writes STREAM frame lengths that the peer misparses
+        # ("Unknown frame type"): measured, so refused here rather than met at run time.
+        if not 1200 <= self.max_datagram_size <= MAX_PACKET:
+            raise ValueError(f"max_datagram_size must be 1200 to {MAX_PACKET}, not {self.max_datagram_size}")
+        if self.congestion_control not in ("reno", "cubic"):
+            raise ValueError(f"congestion_control must be reno or cubic, not {self.congestion_control!r}")
 
 
 def make_configuration(key: NodeKey, is_client: bool, tuning: QuicTuning = QuicTuning()) -> QuicConfiguration:

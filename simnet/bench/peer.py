@@ -2,8 +2,11 @@
 
 import sys
 
-from hmnode.simnet.bench.transport import PROFILES, serve
+from hmnode.simnet.bench.transport import serve
+from hmnode.transport.quic import QuicTuning
 
-if len(sys.argv) != 3 or sys.argv[1] not in ("hmnode", "aioquic") or sys.argv[2] not in PROFILES:
-    sys.exit(f"usage: python -m hmnode.simnet.bench.peer hmnode|aioquic {'|'.join(PROFILES)}")
-serve(sys.argv[1], sys.argv[2])
+USAGE = "usage: python -m hmnode.simnet.bench.peer hmnode|aioquic MAX_DATAGRAM_SIZE FLOW_WINDOW CC"
+if len(sys.argv) != 5 or sys.argv[1] not in ("hmnode", "aioquic"):
+    sys.exit(USAGE)
+serve(sys.argv[1], QuicTuning(max_datagram_size=int(sys.argv[2]), flow_window=int(sys.argv[3]),
+                              congestion_control=sys.argv[4]))
