@@ -143,11 +143,13 @@ class PeerConnection:
         self.bytes_in += len(data)
         self.quic.receive_datagram(data, addr, now=self._now())
         self._process_events()
-        self.transmit()
+        # Answer at once: acks that wait for the end of the loop turn slow the sender's clock
+        # (measured: bulk throughput fell to two thirds of stock aioquic's).
+        self.flush()
 
     def transmit(self) -> None:
-        """Send what the connection has queued, at the end of this turn of the event loop, so that
-        everything queued in one turn (many requests, acks for many datagrams) shares packets."""
+        """Send what the connection has queued at the end of this turn of the event loop, so that
+        what the application queues in one turn (many requests or answers) shares packets."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
