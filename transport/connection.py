@@ -147,6 +147,12 @@ class PeerConnection:
         # (measured: bulk throughput fell to two thirds of stock aioquic's).
         self.flush()
 
+    def refuse(self, data: bytes, addr: Address, code: int, reason: str) -> None:
+        """Read a client's Initial only to answer it with a close: no handshake reply goes out,
+        so the client cannot mistake the connection for an accepted one."""
+        self.quic.receive_datagram(data, addr, now=self._now())
+        self.close(code, reason)
+
     def transmit(self) -> None:
         """Send what the connection has queued at the end of this turn of the event loop, so that
         what the application queues in one turn (many requests or answers) shares packets."""

@@ -10,6 +10,7 @@ and keeps at most one authenticated connection per peer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -30,6 +31,7 @@ from hmnode.transport.wire import ErrorCode
 log = logging.getLogger(__name__)
 
 _CID_LENGTH = 8
+SOCKET_BUFFER_BYTES = 4 << 20
 # RFC 9000 section 14.1: a client's first datagram is at least this long (anti-amplification).
 _MIN_INITIAL = 1200
 
@@ -142,8 +144,7 @@ class Endpoint:
             if refusal:
                 # Read the Initial first, so that the refusal can be sent in reply to it.
                 log.info("refusing connection from %s: %s", addr[0], refusal)
-                conn.datagram_received(data, addr)
-                conn.close(ErrorCode.CONNECTION_LIMIT, refusal)
+                conn.refuse(data, addr, ErrorCode.CONNECTION_LIMIT, refusal)
                 return
         conn.datagram_received(data, addr)
 
@@ -296,6 +297,11 @@ def _bind(family: int, host: str, port: int) -> socket.socket:
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # A larger receive buffer rides out bursts (many datagrams, many peers) that the event
+        # loop cannot drain at once; the kernel caps it at net.core.rmem_max.
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
         sock.bind((host, port))
         sock.setblocking(False)
     except OSError:
