@@ -350,8 +350,9 @@ def test_bulk_to_a_node_that_takes_none_is_refused_without_strikes():
             b.endpoint.handlers = b.handlers()
             conn = await a.endpoint.connect(b.addr, b.id)
             blob = os.urandom(4 << 20)
-            with pytest.raises(TransportError):
+            with pytest.raises(RemoteError) as refused:
                 await conn.send_bulk("blob", [blob])
+            assert refused.value.code == "unsupported"
             # The bytes already in flight when the refusal went out are not held against A.
             await asyncio.sleep(0.2)
             assert b.endpoint.misbehaviour == {}

@@ -119,6 +119,7 @@ class PeerConnection:
         # Peer streams this node refused (stop_stream sent): the rest of their data is dropped.
         self._refused: set[int] = set()
         self._handlers_running = 0
+        self.handler_tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
@@ -281,8 +282,9 @@ class PeerConnection:
         elif isinstance(message, BulkHeader):
             handler = self.endpoint.handlers.bulk
             if handler is None:
+                # Answer without STOP_SENDING, which would overtake the answer and hide its reason;
+                # the sender resets its side when the answer arrives, and the rest is dropped.
                 self._answer(sid, ErrorResponse(sid, "unsupported", "this node takes no bulk streams"))
-                self.quic.stop_stream(sid, ErrorCode.UNKNOWN_METHOD)
                 del self._inbound[sid]
                 self._refused.add(sid)
                 return
@@ -371,6 +373,8 @@ class PeerConnection:
             return
         self._handlers_running += 1
         inbound.task = asyncio.create_task(self._serve(sid, request, handler))
+        self.handler_tasks.add(inbound.task)
+        inbound.task.add_done_callback(self.handler_tasks.discard)
 
     async def _serve(self, sid: int, request: Request, handler: Callable[..., Awaitable[Any]]) -> None:
         try:
@@ -467,6 +471,7 @@ class PeerConnection:
         future = asyncio.get_running_loop().create_future()
         self._pending[sid] = future
         self._inbound[sid] = _InboundStream(FrameReader())
+        ended = False
         try:
             self.quic.send_stream_data(sid, frame(BulkHeader(topic, size, meta)))
             if isinstance(chunks, AsyncIterable):
@@ -476,16 +481,19 @@ class PeerConnection:
                 for chunk in chunks:
                     await self._write_bulk(sid, chunk, future)
             self.quic.send_stream_data(sid, b"", end_stream=True)
+            ended = True
             self.transmit()
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
             raise TransportError(f"bulk {topic} to {self.peer_id} got no answer within {timeout:g} s") from None
         finally:
-            if self._pending.pop(sid, None) is not None and not self.closed.done() and not future.done():
+            self._pending.pop(sid, None)
+            self._inbound.pop(sid, None)
+            # Cut short (an early answer, a timeout, a cancellation): stop sending the rest.
+            if not self.closed.done() and (not ended or not future.done()):
                 self.quic.reset_stream(sid, ErrorCode.CANCELLED)
                 self.transmit()
-            self._inbound.pop(sid, None)
 
     async def _write_bulk(self, sid: int, chunk: bytes, answer: asyncio.Future) -> None:
         high_water = BULK_HIGH_WATER_WINDOWS * self.quic.configuration.max_stream_data

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _CID_LENGTH = 8
 SOCKET_BUFFER_BYTES = 4 << 20
+HANDLER_UNWIND_S = 1.0
 # RFC 9000 section 14.1: a client's first datagram is at least this long (anti-amplification).
 _MIN_INITIAL = 1200
 
@@ -278,9 +279,14 @@ class Endpoint:
         for redialer in self._redialers.values():
             await redialer.stop()
         self._redialers.clear()
-        for conn in list(self._live):
+        live = list(self._live)
+        for conn in live:
             conn.close(ErrorCode.SHUTDOWN, "node shutting down")
-        for conn in list(self._live):
+        # Closing cancelled the handlers that were serving peers; let them finish unwinding.
+        handlers = [task for conn in live for task in conn.handler_tasks]
+        if handlers:
+            await asyncio.wait(handlers, timeout=HANDLER_UNWIND_S)
+        for conn in live:
             conn.drop()
         for transport in self._sockets.values():
             transport.close()
