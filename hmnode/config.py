@@ -18,6 +18,7 @@ from typing import Any
 import tomli_w
 
 from hmnode.errors import ConfigError
+from hmnode.identity import NodeId
 
 DEFAULT_PORT = 4819
 ENV_DATA_DIR = "HMNODE_DATA_DIR"
@@ -53,7 +54,38 @@ class HostPort:
         return cls(host, int(port_text))
 
 
+@dataclass(frozen=True)
+class PeerAddress:
+    """A bootstrap peer: `ID@HOST:PORT` (pinned to a node id) or `HOST:PORT` (unpinned)."""
+
+    addr: HostPort
+    node_id: NodeId | None = None
+
+    def __str__(self) -> str:
+        return f"{self.node_id}@{self.addr}" if self.node_id else str(self.addr)
+
+    @classmethod
+    def parse(cls, text: str) -> "PeerAddress":
+        """Parse either form; raises ValueError naming what is wrong."""
+        if not isinstance(text, str):
+            raise ValueError("expected a string ID@HOST:PORT or HOST:PORT")
+        node_text, at, addr_text = text.rpartition("@")
+        node_id = NodeId.parse(node_text) if at else None
+        addr = HostPort.parse(addr_text)
+        if addr.port == 0:
+            raise ValueError(f"a peer's port cannot be 0: {text!r}")
+        return cls(addr, node_id)
+
+
 # --- value parsers: each takes a TOML value or an environment/flag string -------------------
+
+
+def _peers(value: Any) -> tuple[PeerAddress, ...]:
+    # The environment gives one comma-separated string; TOML and flags give a list.
+    items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError("expected a list of ID@HOST:PORT or HOST:PORT strings")
+    return tuple(PeerAddress.parse(item.strip() if isinstance(item, str) else item) for item in items)
 
 
 def _hostport(value: Any) -> HostPort:
@@ -97,6 +129,10 @@ class Config:
         "node.listen", HostPort("0.0.0.0", DEFAULT_PORT), _hostport, "HMNODE_LISTEN",
         "UDP address the node's QUIC endpoint binds (HOST:PORT)",
     )
+    bootstrap: tuple[PeerAddress, ...] = _setting(
+        "node.bootstrap", (), _peers, "HMNODE_BOOTSTRAP",
+        "peers to join through at start: ID@HOST:PORT, or HOST:PORT (unpinned)",
+    )
     log_level: str = _setting(
         "log.level", "info", _choice("debug", "info", "warning", "error"), "HMNODE_LOG_LEVEL",
         "least severe log level written",
@@ -116,7 +152,11 @@ class Config:
         for f in dataclasses.fields(self):
             section, key = f.metadata["key"].split(".")
             value = getattr(self, f.name)
-            doc.setdefault(section, {})[key] = str(value) if isinstance(value, HostPort) else value
+            if isinstance(value, HostPort):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = [str(item) for item in value]
+            doc.setdefault(section, {})[key] = value
         return doc
 
 
@@ -175,11 +215,35 @@ def load_config(
     return Config(**{SETTINGS[key].name: value for key, value in values.items()})
 
 
+def add_bootstrap(path: Path, peer: PeerAddress) -> bool:
+    """Record `peer` in the file's node.bootstrap (replacing an entry for the same address);
+    returns False if it was already there. Other settings in the file are kept."""
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        doc = {}
+    except (tomllib.TOMLDecodeError, OSError) as exc:
+        raise ConfigError(f"cannot update {path}: {exc}") from exc
+    read_config_file(path)  # refuse to rewrite a file that does not validate
+    current = [PeerAddress.parse(p) for p in doc.get("node", {}).get("bootstrap", [])]
+    if peer in current:
+        return False
+    kept = [p for p in current if p.addr != peer.addr]
+    doc.setdefault("node", {})["bootstrap"] = [str(p) for p in [*kept, peer]]
+    _write_doc(path, doc)
+    return True
+
+
 def write_config(path: Path, config: Config) -> None:
     """Write config.toml atomically (temp file, fsync, rename)."""
+    _write_doc(path, config.to_toml())
+
+
+def _write_doc(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as fh:
-        tomli_w.dump(config.to_toml(), fh)
+        tomli_w.dump(doc, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 import msgpack
 
+from hmnode.adverts import Advert, AdvertRejected
 from hmnode.errors import StoreCorrupt
 from hmnode.hardware import Inventory
 
@@ -37,6 +38,14 @@ class AgentRun:
     version: str
     stopped_at: float | None = None
     exit_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class KnownPeer:
+    """A peer this node has met, and where: what a restarted node rejoins through."""
+
+    addr: str
+    last_seen: float
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,19 @@ class InventoryCodec:
             raise StoreCorrupt(f"the inventory in table {table!r} is damaged: {exc}") from exc
 
 
+class AdvertCodec:
+    """A signed advert, through its wire form (the signature is checked again when loaded)."""
+
+    def encode(self, record: Advert) -> bytes:
+        return _pack(record.to_wire())
+
+    def decode(self, raw: bytes, table: str) -> Any:
+        try:
+            return Advert.from_wire(_unpack(raw, table))
+        except AdvertRejected as exc:
+            raise StoreCorrupt(f"an advert in table {table!r} is damaged: {exc}") from exc
+
+
 class AnyCodec:
     """Plain msgpack values (for the meta table's scalars)."""
 
@@ -139,6 +161,18 @@ class SeqKey:
     @staticmethod
     def decode(raw: bytes) -> int:
         return struct.unpack(">Q", raw)[0]
+
+
+class BytesKey:
+    """Raw bytes (node ids as their 32-byte keys)."""
+
+    @staticmethod
+    def encode(key: bytes) -> bytes:
+        return key
+
+    @staticmethod
+    def decode(raw: bytes) -> bytes:
+        return bytes(raw)
 
 
 class TextKey:
@@ -169,7 +203,10 @@ RUNS: Table[int, AgentRun] = Table("runs", SeqKey, DataclassCodec(AgentRun))
 EVENTS: Table[int, NodeEvent] = Table("events", SeqKey, DataclassCodec(NodeEvent))
 INVENTORY: Table[str, Inventory] = Table("inventory", TextKey, InventoryCodec())
 
-TABLES: tuple[Table, ...] = (META, RUNS, EVENTS, INVENTORY)
+PEERS: Table[bytes, KnownPeer] = Table("peers", BytesKey, DataclassCodec(KnownPeer))
+ADVERTS: Table[bytes, Advert] = Table("adverts", BytesKey, AdvertCodec())
+
+TABLES: tuple[Table, ...] = (META, RUNS, EVENTS, INVENTORY, PEERS, ADVERTS)
 
 # Keys of the meta table.
 META_SCHEMA_VERSION = "schema_version"
@@ -179,3 +216,5 @@ META_NODE_ID = "node_id"
 INVENTORY_LATEST = "latest"
 # Events are a bounded history: older ones are dropped past this many.
 EVENTS_KEPT = 10_000
+# Known peers kept on disk: the most recently seen survive.
+PEERS_KEPT = 1_000

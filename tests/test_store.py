@@ -21,6 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hmnode import schema
+from hmnode.adverts import PRICE_KEYS, make_advert
+from hmnode.identity import NodeKey
+from hmnode.schema import KnownPeer
 from hmnode.errors import SchemaTooNew, StoreCorrupt, StoreError
 from hmnode.hardware import (
     CpuInfo,
@@ -191,8 +194,23 @@ msgpack_scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**63), m
                    | st.floats(allow_nan=False) | st.text(max_size=60) | st.binary(max_size=60))
 meta_keys = st.text(min_size=1, max_size=100).filter(lambda k: k != schema.META_SCHEMA_VERSION)
 
+known_peers = st.builds(KnownPeer, addr=st.text(min_size=1, max_size=60), last_seen=times)
+_ADVERT_KEY = NodeKey.generate()
+adverts = st.builds(
+    lambda seq, addrs, inv, price, issued, ttl: make_advert(
+        _ADVERT_KEY, seq, addrs, inv, {name: price for name in PRICE_KEYS}, issued, ttl),
+    seq=st.integers(min_value=0, max_value=2**63 - 1),
+    addrs=st.lists(st.text(min_size=1, max_size=40), max_size=4),
+    inv=st.dictionaries(st.text(max_size=10), msgpack_scalars, max_size=5),
+    price=st.floats(min_value=0, max_value=1e6, allow_nan=False),
+    issued=times,
+    ttl=st.floats(min_value=1, max_value=86400),
+)
+
 RECORDS = {
     "meta": (meta_keys, msgpack_scalars),
+    "peers": (st.binary(min_size=32, max_size=32), known_peers),
+    "adverts": (st.binary(min_size=32, max_size=32), adverts),
     "runs": (seq_keys, agent_runs),
     "events": (seq_keys, node_events),
     "inventory": (st.just(schema.INVENTORY_LATEST) | meta_keys, inventories),
