@@ -12,9 +12,9 @@ import click
 
 from hmnode import __version__, control
 from hmnode.agent import initialise, run_agent
-from hmnode.config import Config, default_data_dir, load_config
+from hmnode.config import Config, PeerAddress, add_bootstrap, default_data_dir, load_config, write_config
 from hmnode.datadir import DataDir
-from hmnode.errors import AgentNotRunning, HmnodeError
+from hmnode.errors import AgentNotRunning, ControlError, HmnodeError, UsageError
 from hmnode.hardware import Inventory, collect_inventory, summary_lines
 from hmnode.identity import load_key
 from hmnode import logs
@@ -93,15 +93,82 @@ def init(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
               help="Least severe log level [env: HMNODE_LOG_LEVEL].")
 @click.option("--log-format", type=click.Choice(["text", "json"]),
               help="Logs for people (text) or machines (json) [env: HMNODE_LOG_FORMAT].")
+@click.option("--bootstrap", "bootstrap", multiple=True, metavar="ID@HOST:PORT",
+              help="Join the mesh through this peer (repeatable; recorded in config.toml).")
 def run(data_dir: Path | None, listen: str | None, log_level: str | None,
-        log_format: str | None) -> None:
+        log_format: str | None, bootstrap: tuple[str, ...]) -> None:
     """Run the node in the foreground until SIGINT or SIGTERM (initialises on first start)."""
     dd = _resolve(data_dir)
     config = load_config(dd.config_file, flags={
         "node.listen": listen, "log.level": log_level, "log.format": log_format})
+    peers = _parse_peers(bootstrap)
     logs.configure(config.log_level, config.log_format)
+    if peers:
+        dd.create()
+        if not dd.config_file.exists():
+            write_config(dd.config_file, Config())
+        for peer in peers:
+            add_bootstrap(dd.config_file, peer)
+        config = load_config(dd.config_file, flags={
+            "node.listen": listen, "log.level": log_level, "log.format": log_format})
     # A first start writes the embedded defaults, not this run's flags, to config.toml.
     sys.exit(run_agent(dd, config, file_defaults=Config()))
+
+
+def _parse_peers(texts: tuple[str, ...]) -> list[PeerAddress]:
+    peers = []
+    for text in texts:
+        try:
+            peer = PeerAddress.parse(text)
+        except ValueError as exc:
+            raise UsageError(f"bad peer address {text!r}: {exc}") from None
+        if peer.node_id is None:
+            click.echo(f"hmnode: warning: {text} is unpinned: the node id will be learnt from "
+                       "whoever answers there; give ID@HOST:PORT to pin it", err=True)
+        peers.append(peer)
+    return peers
+
+
+@main.command()
+@_data_dir_option
+@click.argument("peer", metavar="ID@HOST:PORT")
+@_json_option
+def join(data_dir: Path | None, peer: str, as_json: bool) -> None:
+    """Record PEER as a bootstrap peer and, if the agent runs, join the mesh through it now.
+
+    PEER is ID@HOST:PORT, or HOST:PORT to learn the id from the handshake (unpinned).
+    """
+    dd = _resolve(data_dir)
+    [parsed] = _parse_peers((peer,))
+    load_config(dd.config_file, env={})  # a broken config is refused before it is rewritten
+    dd.create()
+    if not dd.config_file.exists():
+        write_config(dd.config_file, Config())
+    added = add_bootstrap(dd.config_file, parsed)
+    result: dict[str, Any] = {"peer": str(parsed), "recorded": added, "agent_running": True}
+    try:
+        answer = control.call(dd.control_socket, "join", {"peer": str(parsed)}, timeout=30.0)
+        result["node_id"] = answer["node_id"]
+        result["joined"] = True
+    except AgentNotRunning:
+        result["agent_running"] = False
+        result["joined"] = False
+    except ControlError as exc:
+        result["joined"] = False
+        result["error"] = str(exc)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"recorded {parsed} in {dd.config_file}" if added
+                   else f"{parsed} was already in {dd.config_file}")
+        if not result["agent_running"]:
+            click.echo("no agent is running; it will join through this peer when started")
+        elif result["joined"]:
+            click.echo(f"joined the mesh through {result['node_id']}")
+        else:
+            click.echo(f"hmnode: could not join through {parsed}: {result['error']}", err=True)
+    if result["agent_running"] and not result["joined"]:
+        sys.exit(1)
 
 
 @main.command("id")
@@ -142,10 +209,15 @@ def status(data_dir: Path | None, as_json: bool) -> None:
 def peers(data_dir: Path | None, as_json: bool) -> None:
     """List the peers this node is connected to, with address, RTT and bytes in and out."""
     dd = _resolve(data_dir)
-    rows = control.call(dd.control_socket, "peers")
+    info = control.call(dd.control_socket, "peers")
     if as_json:
-        _print_json(rows)
+        _print_json(info)
         return
+    for view in ("active", "passive"):
+        members = info.get(view, [])
+        click.echo(f"{view} view ({len(members)}): " + (", ".join(
+            f"{m['node_id'][:13]}@{m['addr']} {m['state']}" for m in members) or "empty"))
+    rows = info["connections"]
     if not rows:
         click.echo("no peers connected")
         return
@@ -158,10 +230,23 @@ def peers(data_dir: Path | None, as_json: bool) -> None:
 
 @main.command()
 @_data_dir_option
+@click.option("--mesh", is_flag=True, help="List every advert this node knows, from the running agent.")
 @_json_option
-def assets(data_dir: Path | None, as_json: bool) -> None:
+def assets(data_dir: Path | None, mesh: bool, as_json: bool) -> None:
     """Show the hardware this node could share (from the agent, or measured now if none runs)."""
     dd = _resolve(data_dir)
+    if mesh:
+        adverts = control.call(dd.control_socket, "adverts")
+        if as_json:
+            _print_json(adverts)
+            return
+        for ad in adverts:
+            cpu = ad["inventory"].get("cpu", {})
+            click.echo(f"{ad['node_id']} seq {ad['seq']}: {cpu.get('logical_cores', '?')} cores, "
+                       f"{ad['inventory'].get('memory_bytes', 0) / 2**30:.1f} GiB, "
+                       f"{len(ad['inventory'].get('gpus', []))} GPU, at {', '.join(ad['addresses'])}")
+        click.echo(f"{len(adverts)} adverts")
+        return
     try:
         inventory = Inventory.from_dict(control.call(dd.control_socket, "assets"))
         source = "agent"

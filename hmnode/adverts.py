@@ -27,6 +27,7 @@ MAX_ADVERT_BYTES = 64 << 10
 MAX_CLOCK_SKEW_S = 300.0
 MAX_TTL_S = 24 * 3600.0
 PRICE_KEYS = ("core_hour", "gb_hour", "gpu_hour", "start_fee")
+DIGEST_BUCKETS = 256
 
 
 class AdvertRejected(HmnodeError):
@@ -161,13 +162,20 @@ class AdvertStore:
             del self._adverts[advert.node_id]
         return gone
 
-    def digest(self) -> dict[bytes, int]:
-        """{node key: sequence} of every advert held: what anti-entropy compares."""
-        return {n.key: self._adverts[n].seq for n in sorted(self._adverts)}
+    def digest(self) -> list[bytes]:
+        """A fixed-size summary for anti-entropy: per bucket of node ids (by first key byte), a
+        hash of its (node, sequence) pairs. 256 entries whatever the mesh's size."""
+        buckets: list[list[bytes]] = [[] for _ in range(DIGEST_BUCKETS)]
+        for node_id in sorted(self._adverts):
+            buckets[node_id.key[0]].append(node_id.key + self._adverts[node_id].seq.to_bytes(8, "big"))
+        return [hashlib.blake2b(b"".join(b), digest_size=8).digest() for b in buckets]
 
-    def newer_than(self, digest: dict[bytes, int]) -> list[Advert]:
-        """The adverts a peer with `digest` lacks or holds an older version of."""
-        return [a for a in self.all() if digest.get(a.node_id.key, -1) < a.seq]
+    def differing(self, digest: list[bytes]) -> list[Advert]:
+        """The adverts in every bucket whose hash differs from the peer's `digest`: a superset of
+        what the peer lacks (it ignores the ones it already has)."""
+        mine = self.digest()
+        stale = {i for i in range(DIGEST_BUCKETS) if i >= len(digest) or digest[i] != mine[i]}
+        return [a for a in self.all() if a.node_id.key[0] in stale]
 
 
 def _is_int(value: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -11,12 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from hmnode import __version__, schema
-from hmnode.config import Config, HostPort, write_config
+from hmnode.config import Config, HostPort, PeerAddress, write_config
 from hmnode.control import ControlServer, MethodError
 from hmnode.datadir import DataDir
-from hmnode.errors import IdentityError
+from hmnode.errors import HmnodeError, IdentityError
 from hmnode.hardware import Inventory, collect_inventory
 from hmnode.identity import NodeId, NodeKey, load_or_create_key
+from hmnode.mesh import Mesh, format_addr
 from hmnode.schema import AgentRun, NodeEvent
 from hmnode.store import Store, Txn
 from hmnode.supervisor import Subsystem, Supervisor
@@ -91,10 +93,15 @@ class Agent:
             lambda tx: tx.get(schema.INVENTORY, schema.INVENTORY_LATEST))
         self._inventory_fresh = asyncio.Event()
         self.endpoint = Endpoint(key, Handlers())
+        self.mesh = Mesh(key, self.endpoint, store, self._describe)
         self.control = ControlServer(data_dir.control_socket, {
             "status": self._status,
             "assets": self._assets,
             "peers": self._peers,
+            "join": self._join,
+            "adverts": self._adverts,
+            "advertise": self._advertise,
+            "mesh_stats": self._mesh_stats,
         })
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -107,15 +114,19 @@ class Agent:
             run_key = self.store.write(self._record_start)
             await self.control.start()
             log.info("node %s ready: listening on %s, control socket %s", self.key.node_id,
-                     ", ".join(_format_addr(a) for a in addresses), self.data_dir.control_socket,
+                     ", ".join(format_addr(a) for a in addresses), self.data_dir.control_socket,
                      extra={"event": "ready", "node_id": str(self.key.node_id),
-                            "addresses": [_format_addr(a) for a in addresses]})
+                            "addresses": [format_addr(a) for a in addresses]})
+            self.mesh.load()
+            self.mesh.bootstrap = self.config.bootstrap
             try:
                 failure = await self.supervisor.run([
                     Subsystem("inventory", self._refresh_inventory),
+                    Subsystem("mesh", self.mesh.run),
                 ])
             finally:
                 await self.control.close()
+                await self.mesh.close()
         finally:
             await self.endpoint.close()
         reason = failure or self.supervisor.stop_reason or "stopped"
@@ -158,7 +169,33 @@ class Agent:
             self._inventory_fresh.set()
             await asyncio.sleep(self.config.inventory_interval_s)
 
+    def _describe(self) -> tuple[list[str], dict[str, Any]]:
+        """What this node's advert says: where to reach it and what it could share."""
+        addresses = advertised_addresses(self.endpoint.addresses, self._inventory)
+        return addresses, shareable(self._inventory)
+
     # --- control methods --------------------------------------------------------------------
+
+    async def _join(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            peer = PeerAddress.parse(params.get("peer"))  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise MethodError("bad_request", str(exc)) from None
+        try:
+            joined = await self.mesh.join(peer.addr, peer.node_id)
+        except HmnodeError as exc:
+            raise MethodError("join_failed", str(exc)) from None
+        return {"node_id": str(joined)}
+
+    async def _adverts(self, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        return self.mesh.advert_list()
+
+    async def _advertise(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        advert = self.mesh.publish(time.time())
+        return {"seq": advert.seq, "issued_at": advert.issued_at}
+
+    async def _mesh_stats(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return self.mesh.stats()
 
     async def _status(self, params: Mapping[str, Any]) -> dict[str, Any]:
         return {
@@ -169,7 +206,7 @@ class Agent:
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "started_at": self.started_at,
             "listen": str(self.config.listen),
-            "addresses": [_format_addr(a) for a in self.endpoint.addresses],
+            "addresses": [format_addr(a) for a in self.endpoint.addresses],
             "peers": len(self.endpoint.peers),
             "store_map_bytes": self.store.map_size,
         }
@@ -186,22 +223,49 @@ class Agent:
         return self._inventory.to_dict()
 
 
-    async def _peers(self, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+    async def _peers(self, params: Mapping[str, Any]) -> dict[str, Any]:
         now = time.monotonic()
-        return [{
+        return {**self.mesh.snapshot(), "misbehaviour": dict(sorted(self.endpoint.misbehaviour.items())),
+                "connections": [{
             "node_id": str(node_id),
-            "address": _format_addr(conn.addr),
+            "address": format_addr(conn.addr),
             "direction": "out" if conn.is_client else "in",
             "rtt_ms": None if conn.rtt_s is None else round(conn.rtt_s * 1000, 3),
             "bytes_in": conn.bytes_in,
             "bytes_out": conn.bytes_out,
             "connected_s": round(now - conn.created_at, 3),
             "malformed": self.endpoint.misbehaviour[str(node_id)],
-        } for node_id, conn in sorted(self.endpoint.peers.items())]
+        } for node_id, conn in sorted(self.endpoint.peers.items())]}
 
 
-def _format_addr(addr: tuple) -> str:
-    return str(HostPort(addr[0], addr[1]))
+def advertised_addresses(bound: list[tuple], inventory: Inventory | None) -> list[str]:
+    """Where peers can reach this node: the bound addresses, with a wildcard replaced by the
+    machine's interface addresses (loopback only when there is nothing else)."""
+    out: list[str] = []
+    for host, port in (a[:2] for a in bound):
+        if host not in ("0.0.0.0", "::"):
+            out.append(format_addr((host, port)))
+            continue
+        ips = [ip for iface in (inventory.network if inventory else ()) if iface.is_up
+               for ip in iface.addresses if (":" in ip) == (host == "::") and "%" not in ip]
+        public = [ip for ip in ips if not ipaddress.ip_address(ip).is_loopback]
+        out.extend(format_addr((ip, port)) for ip in (public or ips))
+    return out[:16]
+
+
+def shareable(inventory: Inventory | None) -> dict[str, Any]:
+    """The stable part of the inventory that an advert carries (not load or free memory, which
+    change every minute and would make every refresh a new advert)."""
+    if inventory is None:
+        return {}
+    return {
+        "cpu": {"model": inventory.cpu.model, "logical_cores": inventory.cpu.logical_cores,
+                "physical_cores": inventory.cpu.physical_cores},
+        "memory_bytes": inventory.memory.total_bytes,
+        "disk_bytes": inventory.disk.total_bytes,
+        "gpus": [{"name": g.name, "memory_bytes": g.memory_total_bytes,
+                  "compute_capability": g.compute_capability} for g in inventory.gpu.gpus],
+    }
 
 
 def _append_event(tx: Txn, event: NodeEvent) -> None:

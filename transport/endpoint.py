@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import socket
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,8 @@ class Endpoint:
         self._keepalive: asyncio.Task | None = None
         self._redialers: dict[Address, Redialer] = {}
         self.raw_datagram_handler: Any = None
+        # Told of every connection that ends (after it has left `peers`).
+        self.connection_closed_handler: Callable[[PeerConnection], None] | None = None
 
     # --- sockets ----------------------------------------------------------------------------
 
@@ -257,6 +260,8 @@ class Endpoint:
             del self._routes[cid]
         if conn.peer_id is not None and self.peers.get(conn.peer_id) is conn:
             del self.peers[conn.peer_id]
+        if self.connection_closed_handler is not None:
+            self.connection_closed_handler(conn)
 
     def record_misbehaviour(self, conn: PeerConnection, what: str) -> None:
         """Count a malformed message against the peer that sent it (by node id, else address)."""
