@@ -8,6 +8,7 @@ expired adverts, and refuses forged, malformed or stale ones with a reason.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -106,8 +107,11 @@ def make_advert(key: NodeKey, seq: int, addresses: list[str], inventory: dict[st
     """A new advert signed by `key`, valid from `now` for `ttl_s` seconds."""
     prices = prices or {name: 0.0 for name in PRICE_KEYS}
     unsigned = Advert(key.node_id, seq, tuple(addresses), inventory, prices, now, now + ttl_s)
-    advert = Advert(key.node_id, seq, tuple(addresses), inventory, prices, now, now + ttl_s,
-                    key.sign(unsigned.signed_bytes()))
+    try:
+        signed = unsigned.signed_bytes()
+    except (OverflowError, TypeError, ValueError) as exc:
+        raise AdvertRejected(f"advert content cannot be encoded: {exc}") from None
+    advert = dataclasses.replace(unsigned, signature=key.sign(signed))
     if len(msgpack.packb(advert.to_wire(), use_bin_type=True)) > MAX_ADVERT_BYTES:
         raise AdvertRejected(f"advert over {MAX_ADVERT_BYTES} bytes; share less detail")
     return advert
