@@ -41,6 +41,7 @@ SYNC_METHOD = "adverts.sync"
 META_ADVERT_SEQ = "advert_seq"
 MAX_SYNC_ADVERTS = 256
 MAX_QUEUED_PER_PEER = 256
+FIRST_ADVERT_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -155,11 +156,15 @@ class Mesh:
 
     async def _loop(self) -> None:
         next_sync = next_advert = next_persist = 0.0
+        # The first advert waits (briefly) for the first inventory, rather than announcing an
+        # empty node and replacing it a moment later.
+        first_advert_by = self._now() + FIRST_ADVERT_WAIT_S
         while True:
             now = self._now()
             self.membership.tick(now)
             self.broadcast.tick(now)
-            if now >= next_advert or self._advert_changed():
+            ready = self._own is not None or bool(self.describe()[1]) or now >= first_advert_by
+            if ready and (now >= next_advert or self._advert_changed()):
                 self.publish(now)
                 next_advert = now + self.config.advert_refresh_s
             if now >= next_sync:
