@@ -9,7 +9,7 @@ equal outputs.
 Theory of operation
 -------------------
 
-*Views* (Leitao, Pereira and Rodrigues, "HyParView: a membership protocol for reliable
+*Views* (Leitão, Pereira and Rodrigues, "HyParView: a membership protocol for reliable
 gossip-based broadcast", DSN 2007). Each node keeps a small *active view* (`active_size`,
 about log n + 1) of neighbours over which the broadcast layer builds its tree, and a larger
 *passive view* (`passive_size`) of spares to repair it from. Active links are symmetric: a link
@@ -21,16 +21,33 @@ once and answers NEIGHBOR_REPLY accept); the asker adds the acceptor when the ac
   to each of its other neighbours. Each such random walk ends at a node that receives it with
   ttl 0 or with at most one neighbour; that node asks the new node with a high-priority
   NEIGHBOR. A walk that passes with ttl == `prwl` leaves the new node in a passive view.
-* Repair: when a neighbour is lost (declared dead, evicted or disconnected) the node asks a
-  random passive peer with NEIGHBOR: high priority when it has no neighbour left (always
-  accepted), low otherwise (accepted only by a node with room). A reject, timeout or failed
-  connection moves on to the next passive peer, at most `active_size` attempts per
-  `repair_interval_s`; every `repair_interval_s` the node also tops a short view up this way.
+* Repair: when a neighbour is lost (declared dead, disconnected, or found one-sided) the node
+  asks a random passive peer with NEIGHBOR: high priority when it has no neighbour left
+  (always accepted, evicting if need be), low otherwise (accepted only by a node with room).
+  A reject, timeout or failed connection moves on to the next passive peer, at most
+  2 * `active_size` attempts per `repair_interval_s`; every `repair_interval_s` the node also
+  tops a short view up this way, backing off (up to 32 intervals) while it is refused.
 * SHUFFLE: every `shuffle_interval_s` (jittered) a node sends itself, `shuffle_active` random
   neighbours and `shuffle_passive` random passive peers on a random walk of `shuffle_ttl`
-  hops; the node where it ends answers with as many of its own passive peers, and both merge
-  what they got into their passive views, evicting first what they sent. Passive views thus
-  stay fresh and mixed without any node knowing the whole membership.
+  hops; the node where it ends answers with as many of its own passive peers (topped up with
+  neighbours when it has too few), and both merge what they got into their passive views,
+  evicting first what they sent. Passive views thus stay fresh and mixed without any node
+  knowing the whole membership.
+
+Beyond the paper, three rules keep the overlay in one piece when messages are lost or the
+network splits (each is explained where it is implemented):
+
+* A node refused ESCALATE_AFTER times in a row sends one high-priority NEIGHBOR, and the
+  number needed doubles each time: a small cluster cut off during joins (its members evicted
+  elsewhere and linked to each other, all short of neighbours) gets back in, while a node
+  merely one short in a full overlay causes an eviction only rarely.
+* A JOIN is retried (JOIN_ATTEMPTS), and a node that knows nobody beyond its neighbours asks
+  its bootstrap contacts again every REJOIN_PERIODS.
+* Dead peers are remembered with their address (MAX_GRAVEYARD, for GRAVEYARD_PERIODS) and one
+  of them is pinged every RECONNECT_PERIODS. After a partition, in which each side declared
+  the other dead and purged it from its views, the two sides thus hear of each other again,
+  refute, and the cut links are restored with high priority; without this, two overlays with
+  full active views would never merge.
 
 *Failure detection* (Das, Gupta and Motivala, "SWIM: Scalable Weakly-consistent
 Infection-style process group Membership protocol", DSN 2002), run over the active view: the
@@ -39,11 +56,15 @@ period the node probes the next neighbour of a shuffled round robin with PING. W
 within the probe timeout it sends PING_REQ to up to `indirect_probes` other neighbours, who
 PING the target and relay its ACK. Without any ACK by the end of the period the target is
 *suspected* at its current incarnation number; a suspicion that is not refuted within the
-suspicion timeout (`suspicion_mult` * max(1, log10 n) protocol periods) makes it *dead*: it
-leaves both views (NeighborDown, then repair). Suspect, alive and dead updates spread by
+suspicion timeout (`suspicion_mult` * max(1, log10 n) protocol periods, where n is the number
+of nodes this one has records of) makes it *dead*: it leaves both views (NeighborDown, then
+repair), and a suspect neighbour is probed again first, so a lost refutation is heard in its
+ACK. Suspect, alive and dead updates spread by
 piggybacking on every message (each about RETRANSMIT_MULT * log10 n times), and a suspect or
-dead verdict is also sent to its subject at once. A node that hears itself suspected or
-declared dead *refutes*: it takes an incarnation above the verdict's and sends ALIVE. The
+dead verdict is also sent to its subject at once (Lifeguard's "buddy system"). A node that
+hears itself suspected or declared dead *refutes*: it takes an incarnation above the
+verdict's and sends ALIVE to the accuser and to each of its neighbours (the nodes that may
+have adopted the suspicion: only neighbours of a node adopt gossip suspecting it). The
 precedence is SWIM's: alive(i) overrides suspect/dead(j) iff i > j, suspect(i) overrides
 alive(j) iff i >= j, dead(i) overrides anything of incarnation <= i.
 
@@ -139,8 +160,14 @@ MAX_GOSSIP_QUEUE = 512
 MAX_RECORDS = 4096            # member records kept (views are always kept; others LRU)
 MAX_RELAYS = 256              # indirect probes this node runs for others at once
 JOIN_ATTEMPTS = 3
-MAX_CONTACTS = 8              # join contacts remembered for rejoining when isolated
-REJOIN_PERIODS = 30.0         # an isolated node asks a contact again this often (probe intervals)
+MAX_CONTACTS = 8              # bootstrap contacts remembered for rejoining
+REJOIN_PERIODS = 30.0         # a node knowing nobody beyond its neighbours asks a contact again
+# Dead peers are remembered (address included) and one of them is pinged now and then, so
+# that the two sides of a healed network partition, which declared each other dead, find each
+# other again (as Serf reconnects to failed members).
+MAX_GRAVEYARD = 64
+GRAVEYARD_PERIODS = 3600.0    # how long a dead peer is retried (probe intervals)
+RECONNECT_PERIODS = 30.0      # how often one of them is pinged (probe intervals)
 ESCALATE_AFTER = 4            # refused low-priority requests before one high-priority request
 MAX_ESCALATE_AFTER = 1024
 # An indirect prober NACKs after this share of the window between the requester's probe
@@ -264,6 +291,15 @@ class _Member:
     incarnation: int
 
 
+@dataclass(frozen=True)
+class _Grave:
+    """A peer this node holds dead, kept to retry it (see RECONNECT_PERIODS)."""
+
+    peer: Peer
+    since: float
+    neighbour: bool  # it was in the active view when it died: the link is restored if it returns
+
+
 @dataclass
 class _Pending:
     """An outstanding JOIN or NEIGHBOR request of ours, answered by NEIGHBOR_REPLY."""
@@ -323,7 +359,7 @@ class Membership:
 
     def __init__(self, me: Peer, rng: random.Random,
                  config: MembershipConfig = MembershipConfig()) -> None:
-        if not isinstance(me, Peer) or not isinstance(me.node_id, NodeId) or not _valid_addr(me.addr):
+        if not (isinstance(me, Peer) and isinstance(me.node_id, NodeId) and _valid_addr(me.addr)):
             raise ValueError("membership: `me` must be a Peer with a node id and an address")
         config.validate()
         self.me = me
@@ -355,6 +391,8 @@ class Membership:
         self._escalate_after = ESCALATE_AFTER
         self._contacts: dict[NodeId, Peer] = {}
         self._next_rejoin = 0.0
+        self._graveyard: dict[NodeId, _Grave] = {}
+        self._next_reconnect = 0.0
         self._shuffle_sent: tuple[NodeId, ...] = ()
         self._shuffle_open = False
         self._outbox: list[tuple[Peer, dict]] = []
@@ -381,7 +419,8 @@ class Membership:
             self._contacts[contact.node_id] = contact
             while len(self._contacts) > MAX_CONTACTS:
                 del self._contacts[next(iter(self._contacts))]
-            self._send_join(contact, now)
+            if contact.node_id not in self._active:  # a neighbour already: nothing to ask
+                self._send_join(contact, now)
         self._check_invariants()
 
     def add_passive(self, peers: Iterable[Peer], now: float) -> None:
@@ -425,10 +464,9 @@ class Membership:
             self._conn_failed[peer] = None
             # Suspect now, probe it next; if that probe fails too it is dead (see _end_probe).
             self._suspect(peer, self._member(peer).incarnation, now, local=True)
-            if self._probe is None or self._probe.target.node_id != peer:
-                self._probe_order.insert(0, peer)
-                if self._probe is None:
-                    self._next_probe = min(self._next_probe, now)
+            self._probe_soon(peer)
+            if self._probe is None:
+                self._next_probe = min(self._next_probe, now)
         for relay in self._relays.values():
             if relay.target == peer and not relay.nacked:  # no need to wait to say NACK
                 relay.nacked = True
@@ -436,7 +474,7 @@ class Membership:
         self._check_invariants()
 
     def tick(self, now: float) -> None:
-        """Run what is due at `now`: suspicion timeouts, probes, request timeouts, repair, shuffle."""
+        """Run what is due at `now`: suspicions, probes, request timeouts, repair, shuffle."""
         self._start(now)
         for node_id, deadline in sorted(self._suspicions.items(), key=lambda kv: (kv[1], kv[0])):
             if deadline <= now and node_id in self._suspicions:
@@ -456,6 +494,9 @@ class Membership:
             self._next_repair = now + self.config.repair_interval_s * (1 << min(self._rejects, 5))
         if self._isolated() and now >= self._next_rejoin:
             self._rejoin(now)
+        if now >= self._next_reconnect:
+            self._next_reconnect = now + RECONNECT_PERIODS * self.config.probe_interval_s
+            self._reconnect(now)
         if now >= self._next_shuffle:
             self._next_shuffle = now + self.config.shuffle_interval_s * self.rng.uniform(0.75, 1.25)
             self._shuffle(now)
@@ -488,6 +529,8 @@ class Membership:
             times.append(self._next_repair)
         if self._isolated():
             times.append(self._next_rejoin)
+        if self._graveyard:
+            times.append(self._next_reconnect)
         return min(times) if times else None
 
     def take_outbox(self) -> list[tuple[Peer, dict]]:
@@ -501,7 +544,7 @@ class Membership:
         return out
 
     def state(self, peer: NodeId) -> str:
-        """"alive", "suspect", "dead" or "unknown": what this node believes of `peer`."""
+        """What this node believes of `peer`: "alive", "suspect", "dead" or "unknown"."""
         if peer == self.me.node_id:
             return ALIVE
         member = self._members.get(peer)
@@ -514,7 +557,8 @@ class Membership:
     def snapshot(self) -> dict[str, Any]:
         """Views with states and this node's health, for `hmnode peers --json`."""
         def row(peer: Peer) -> dict[str, str]:
-            return {"node_id": str(peer.node_id), "addr": peer.addr, "state": self.state(peer.node_id)}
+            return {"node_id": str(peer.node_id), "addr": peer.addr,
+                    "state": self.state(peer.node_id)}
 
         return {"active": [row(p) for p in self.active], "passive": [row(p) for p in self.passive],
                 "local_health": self.local_health, "incarnation": self.incarnation}
@@ -534,7 +578,8 @@ class Membership:
         if len(self._active) > cfg.active_size:
             raise AssertionError(f"active view has {len(self._active)} > {cfg.active_size} peers")
         if len(self._passive) > cfg.passive_size:
-            raise AssertionError(f"passive view has {len(self._passive)} > {cfg.passive_size} peers")
+            raise AssertionError(
+                f"passive view has {len(self._passive)} > {cfg.passive_size} peers")
         if len(self._outbox) > cfg.max_outbox:
             raise AssertionError("outbox over its bound")
         if not 0 <= self.local_health <= cfg.max_local_health:
@@ -562,6 +607,8 @@ class Membership:
         kept = len(self._active) + len(self._passive) + len(self._pending) + len(self._suspicions)
         if len(self._members) > MAX_RECORDS + kept:
             raise AssertionError("member records over their bound")
+        if len(self._graveyard) > MAX_GRAVEYARD:
+            raise AssertionError("graveyard over its bound")
         if len(self._relays) > MAX_RELAYS or len(self._gossip) > MAX_GOSSIP_QUEUE:
             raise AssertionError("relays or gossip queue over their bound")
 
@@ -573,7 +620,8 @@ class Membership:
         if gossip:
             body["g"] = gossip
         if len(self._outbox) >= self.config.max_outbox:
-            self.dropped_messages += 1  # a driver that does not drain loses messages, like a lossy link
+            # A driver that does not drain loses messages, as a lossy link would.
+            self.dropped_messages += 1
             return
         self._outbox.append((peer, body))
 
@@ -606,6 +654,7 @@ class Membership:
             self._next_probe = now + self.rng.uniform(0.0, self.config.probe_interval_s)
             self._next_shuffle = now + self.config.shuffle_interval_s * self.rng.uniform(0.5, 1.0)
             self._next_repair = now
+            self._next_reconnect = now + RECONNECT_PERIODS * self.config.probe_interval_s
 
     def _cluster_size(self) -> int:
         # Each node knows only its neighbourhood; the records are its best estimate of n.
@@ -639,8 +688,9 @@ class Membership:
             for old in list(self._members):
                 if len(self._members) <= MAX_RECORDS:
                     break
-                if (old not in self._active and old not in self._passive and old not in self._pending
-                        and old not in self._suspicions and old != node_id):
+                if (old not in self._active and old not in self._passive
+                        and old not in self._pending and old not in self._suspicions
+                        and old != node_id):
                     del self._members[old]
 
     def _is_dead(self, node_id: NodeId) -> bool:
@@ -661,8 +711,9 @@ class Membership:
         member = self._members.get(node_id)
         if member is None:
             self._set_member(node_id, _Member(ALIVE, incarnation))
+            self._resurrect(node_id, now)  # its record was forgotten, its grave may not be
         elif incarnation > member.incarnation:
-            self._make_alive(node_id, incarnation)
+            self._make_alive(node_id, incarnation, now)
         elif member.state != ALIVE:
             self._notify(sender, node_id, member, now)
 
@@ -674,13 +725,38 @@ class Membership:
         self._notified[node_id] = now
         self._send(peer, {"k": member.state, "id": node_id.key, "inc": member.incarnation})
 
-    def _make_alive(self, node_id: NodeId, incarnation: int) -> None:
+    def _make_alive(self, node_id: NodeId, incarnation: int, now: float) -> None:
         was = self._members[node_id].state
         self._set_member(node_id, _Member(ALIVE, incarnation))
         self._suspicions.pop(node_id, None)
         if was != ALIVE:
             self._events.append(PeerAlive(node_id))
             self._queue_gossip(node_id, ALIVE, incarnation)
+            self._resurrect(node_id, now)
+
+    def _resurrect(self, node_id: NodeId, now: float) -> None:
+        """A node held dead is back: a spare again, and a neighbour again if it was one."""
+        grave = self._graveyard.pop(node_id, None)
+        if grave is None:
+            return
+        self._add_passive(grave.peer)
+        if grave.neighbour and node_id in self._passive:
+            # Most likely a healed partition: relinking the cut links joins the two overlays,
+            # which with full views would otherwise stay apart.
+            self._request_neighbor(grave.peer, "high", now)
+
+    def _reconnect(self, now: float) -> None:
+        """Ping one remembered dead peer: if it is alive it answers, both sides learn that the
+        other is alive (each tells the other its verdict, which it refutes), and it returns."""
+        horizon = now - GRAVEYARD_PERIODS * self.config.probe_interval_s
+        for node_id, grave in list(self._graveyard.items()):
+            if grave.since < horizon:
+                del self._graveyard[node_id]
+        if not self._graveyard:
+            return
+        grave = self._graveyard[self.rng.choice(sorted(self._graveyard))]
+        self._seq = self._seq + 1 if self._seq < MAX_SEQ else 1
+        self._send(grave.peer, {"k": "ping", "seq": self._seq})
 
     def _apply_update(self, sender: Peer, state: str, node_id: NodeId, incarnation: int,
                       now: float) -> None:
@@ -695,7 +771,7 @@ class Membership:
             member = self._members.get(node_id)
             # Only news about a node we know; unknown nodes need no resurrection here.
             if member is not None and incarnation > member.incarnation:
-                self._make_alive(node_id, incarnation)
+                self._make_alive(node_id, incarnation, now)
         elif state == SUSPECT:
             # Only a neighbour's suspicion concerns us: we probe it ourselves and can confirm.
             if node_id in self._active:
@@ -735,11 +811,9 @@ class Membership:
         if was == ALIVE:
             self._events.append(PeerSuspected(node_id))
         self._queue_gossip(node_id, SUSPECT, incarnation)
-        if node_id in self._active and (
-                self._probe is None or self._probe.target.node_id != node_id):
-            # A suspect neighbour is probed again next: the ACK carries its incarnation, so a
-            # refutation lost on the way is heard anyway, well before the suspicion expires.
-            self._probe_order.insert(0, node_id)
+        # A suspect neighbour is probed again next: the ACK carries its incarnation, so a
+        # refutation lost on the way is heard anyway, well before the suspicion expires.
+        self._probe_soon(node_id)
         if local:
             peer = self._known_peer(node_id)
             if peer is not None:  # Lifeguard's buddy system: tell the suspect at once
@@ -755,6 +829,11 @@ class Membership:
                 return
         was = member.state if member is not None else UNKNOWN
         peer = self._known_peer(node_id)
+        if peer is not None:
+            self._graveyard.pop(node_id, None)
+            self._graveyard[node_id] = _Grave(peer, now, node_id in self._active)
+            while len(self._graveyard) > MAX_GRAVEYARD:
+                del self._graveyard[next(iter(self._graveyard))]
         self._set_member(node_id, _Member(DEAD, incarnation))
         self._suspicions.pop(node_id, None)
         self._conn_failed.pop(node_id, None)
@@ -795,6 +874,7 @@ class Membership:
         self._events.append(NeighborUp(peer))
         # A new neighbour joins the current probe round at a random place (as memberlist does).
         self._probe_order.insert(self.rng.randint(0, len(self._probe_order)), node_id)
+        self._trim_probe_order()
 
     def _evict_active(self) -> None:
         victim = self.rng.choice(sorted(self._active))
@@ -921,6 +1001,25 @@ class Membership:
             self._repair(now)
 
     # --- SWIM probing -----------------------------------------------------------------------
+
+    def _probe_soon(self, node_id: NodeId) -> None:
+        """Make neighbour `node_id` the next probe target (unless it is being probed now)."""
+        if node_id not in self._active or self._probe_order[:1] == [node_id]:
+            return
+        if self._probe is not None and self._probe.target.node_id == node_id:
+            return
+        self._probe_order.insert(0, node_id)
+        self._trim_probe_order()
+
+    def _trim_probe_order(self) -> None:
+        # Departed neighbours are skipped lazily; with churn they are dropped here, so the
+        # round stays about as long as the active view.
+        if len(self._probe_order) > 2 * self.config.active_size:
+            seen: dict[NodeId, None] = {}
+            for node_id in self._probe_order:
+                if node_id in self._active:
+                    seen.setdefault(node_id, None)
+            self._probe_order = list(seen)
 
     def _drive_probe(self, now: float) -> None:
         probe = self._probe
@@ -1203,7 +1302,7 @@ def _valid_addr(value: Any) -> bool:
 
 def _check_peer(peer: Any) -> None:
     # Local callers (the driver) pass these; a wrong type there is a programming error.
-    if not isinstance(peer, Peer) or not isinstance(peer.node_id, NodeId) or not _valid_addr(peer.addr):
+    if not (isinstance(peer, Peer) and isinstance(peer.node_id, NodeId) and _valid_addr(peer.addr)):
         raise TypeError(f"expected a Peer with a node id and an address, got {peer!r}")
 
 

@@ -31,6 +31,7 @@ from hmnode.schema import KnownPeer
 from hmnode.store import Store, Txn
 from hmnode.transport.connection import PeerConnection, TransportError
 from hmnode.transport.endpoint import Endpoint
+from hmnode.transport.redial import Backoff
 from hmnode.transport.wire import WireError
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ META_ADVERT_SEQ = "advert_seq"
 MAX_SYNC_ADVERTS = 256
 MAX_QUEUED_PER_PEER = 256
 FIRST_ADVERT_WAIT_S = 5.0
+BOOTSTRAP_CHECK_S = 10.0
+BOOTSTRAP_BACKOFF = Backoff(base_s=1.0, cap_s=60.0)
 
 
 @dataclass(frozen=True)
@@ -136,17 +139,26 @@ class Mesh:
         self._pump()
         return conn.peer_id
 
-    async def _join_logged(self, peer: PeerAddress) -> None:
-        try:
-            joined = await self.join(peer.addr, peer.node_id)
-            log.info("joined the mesh through %s (%s)", peer.addr, joined.short())
-        except HmnodeError as exc:
-            log.warning("cannot join through bootstrap peer %s: %s", peer, exc)
+    async def _keep_joined(self, peer: PeerAddress) -> None:
+        """Join through a bootstrap peer, and again whenever this node finds itself with no
+        neighbours (say, its only contact went away), with backoff while that fails."""
+        failures = 0
+        while True:
+            if not self.membership.active:
+                try:
+                    joined = await self.join(peer.addr, peer.node_id)
+                    log.info("joined the mesh through %s (%s)", peer.addr, joined.short())
+                    failures = 0
+                except HmnodeError as exc:
+                    log.warning("cannot join through bootstrap peer %s: %s", peer, exc)
+                    failures += 1
+            await asyncio.sleep(BOOTSTRAP_BACKOFF.delay(failures, self.rng) if failures
+                                else BOOTSTRAP_CHECK_S)
 
     async def run(self) -> None:
         """The mesh subsystem: joins the bootstrap peers, ticks the cores, refreshes the advert,
         pulls anti-entropy."""
-        joins = [asyncio.create_task(self._join_logged(p)) for p in self.bootstrap]
+        joins = [asyncio.create_task(self._keep_joined(p)) for p in self.bootstrap]
         try:
             await self._loop()
         finally:
