@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
 
 import click
 
+from hmnode.config import default_data_dir
 from hmnode.simnet.bench import BENCHMARKS
+from hmnode.simnet.local import LocalMesh, NodeStatus, NoMesh, StopOutcome, log_tail
+
+REFRESH_S = 0.5
+DEFAULT_RUNS = 5
 
 
 @click.group()
@@ -14,21 +26,278 @@ def simnet() -> None:
     """Local meshes and benchmarks."""
 
 
+def _default_dir() -> Path:
+    return default_data_dir().parent / "hmnode-simnet"
+
+
+def _dir_option(fn: Any) -> Any:
+    return click.option(
+        "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+        help="Directory of the mesh: one data dir per node and simnet.json "
+             "[default: hmnode-simnet beside the default data dir].")(fn)
+
+
+def _json_option(fn: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(fn)
+
+
+def _mesh(directory: Path | None) -> LocalMesh:
+    return LocalMesh((directory or _default_dir()).expanduser().absolute())
+
+
+def _dir_flag(mesh: LocalMesh) -> str:
+    """` --dir DIR` for the commands this one suggests, or nothing for the default DIR."""
+    return "" if mesh.dir == _default_dir().expanduser().absolute() else f" --dir {mesh.dir}"
+
+
+# --- the node table -------------------------------------------------------------------------
+
+_HEADER = f"{'node':8} {'node id':15} {'address':21} {'pid':>8} {'state':9} {'peers':>5} " \
+          f"{'passive':>7} {'adverts':>9} {'RSS MiB':>8}"
+
+
+def _row(s: NodeStatus, n: int) -> str:
+    state = "down" if not s.alive else ("no answer" if s.error else "up")
+
+    def num(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    adverts = "-" if s.adverts_known is None else f"{s.adverts_known}/{n}"
+    rss = "-" if s.rss_bytes is None else f"{s.rss_bytes / 2**20:.1f}"
+    return (f"{s.name:8} {s.node_id[:13] or '-':15} {s.address:21} {s.pid:>8} {state:9} "
+            f"{num(s.peers):>5} {num(s.passive):>7} {adverts:>9} {rss:>8}")
+
+
+def table_lines(statuses: list[NodeStatus]) -> list[str]:
+    """The node table: one header line and a line per node."""
+    n = len(statuses)
+    return [_HEADER, *(_row(s, n) for s in statuses)]
+
+
+class _LiveTable:
+    """Shows the table as it changes: redrawn in place on a terminal, otherwise a line for each
+    node whose row changed (so that a log of the output reads top to bottom)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+        self._drawn = 0
+        self._rows: dict[str, str] = {}
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def update(self, statuses: list[NodeStatus], note: str = "") -> None:
+        lines = table_lines(statuses)
+        elapsed = time.monotonic() - self.started
+        if self.tty:
+            # Up to the first line drawn last time, clear to the end, draw again.
+            prefix = f"\x1b[{self._drawn}F\x1b[J" if self._drawn else ""
+            body = [*lines, f"{elapsed:5.1f} s  {note}"]
+            self._write(prefix + "\n".join(body) + "\n")
+            self._drawn = len(body)
+            return
+        n = len(statuses)
+        for s in statuses:
+            # RSS moves by a few KiB all the time; only the mesh's state makes a new line.
+            key = repr((s.alive, s.error is None, s.peers, s.passive, s.adverts_known))
+            if self._rows.get(s.name) != key:
+                self._rows[s.name] = key
+                self._write(f"[{elapsed:6.1f} s] {_row(s, n)}\n")
+
+    def clear(self) -> None:
+        """Remove the live table from a terminal, so the final table is printed once."""
+        if self.tty and self._drawn:
+            self._write(f"\x1b[{self._drawn}F\x1b[J")
+        self._drawn = 0
+
+
+def _print_table(statuses: list[NodeStatus], stream: IO[str]) -> None:
+    for line in table_lines(statuses):
+        click.echo(line, file=stream)
+
+
+def _summary(mesh: LocalMesh, statuses: list[NodeStatus], converged: bool) -> dict[str, Any]:
+    return {"dir": str(mesh.dir), "converged": converged,
+            "nodes": [{**s.to_dict(), "log": str(mesh.log_file(s.name)),
+                       "data_dir": str(mesh.data_dir(s.name).path)} for s in statuses]}
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """SIGTERM arrived while `up --foreground` was attached."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop()
+
+
+@simnet.command(short_help="Start N nodes on loopback, joined into one mesh.")
+@click.option("-n", "--nodes", "n", type=click.IntRange(1, 500), required=True,
+              help="How many nodes to start.")
+@_dir_option
+@click.option("--base-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="node00 listens on this UDP port, node01 on the next, ...; 0 picks free ports.")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=60.0, show_default=True,
+              help="Seconds to wait for every node to know every advert.")
+@click.option("--foreground", is_flag=True,
+              help="Stay attached after convergence; Ctrl-C or SIGTERM stops the mesh.")
+@_json_option
+def up(n: int, directory: Path | None, base_port: int, timeout: float, foreground: bool,
+       as_json: bool) -> None:
+    """Start N real nodes on loopback, joined into one mesh, and show them until every node knows
+    every node's advert.
+
+    The nodes keep running after this command returns (unless --foreground); `hmnode simnet
+    status` shows them and `hmnode simnet down` stops them. Each node's data dir is DIR/nodeNN, so
+    `hmnode status --data-dir DIR/node03` and the other commands work on it; its log is
+    DIR/nodeNN/agent.log. Exit 1 if the mesh did not converge in time (the nodes are left running
+    to be looked at), 2 if a mesh already runs in DIR.
+    """
+    mesh = _mesh(directory)
+    # With --json, stdout carries one JSON object and nothing else.
+    out = click.get_text_stream("stderr" if as_json else "stdout")
+    if foreground:
+        signal.signal(signal.SIGTERM, _raise_stop)
+    started = time.monotonic()
+    try:
+        # Lines about single nodes are indented under the one that starts them all.
+        mesh.up(n, base_port, progress=lambda line: click.echo(
+            line if line.startswith("starting") else f"  {line}", file=out))
+    except (KeyboardInterrupt, _Stop):
+        # up() has stopped the nodes it had started.
+        click.echo("\ninterrupted; the nodes started were stopped", file=out)
+        sys.exit(130)
+    live = _LiveTable(out)
+    try:
+        converged = mesh.wait_converged(timeout, REFRESH_S, lambda s: live.update(
+            s, "waiting for every node to know every advert"))
+        converge_s = time.monotonic() - started
+        statuses = mesh.status()
+        live.clear()
+        _print_table(statuses, out)
+        if converged:
+            click.echo(f"converged: all {n} nodes know all {n} adverts after {converge_s:.1f} s",
+                       file=out)
+        else:
+            dead = [s for s in statuses if not s.alive]
+            click.echo(f"{len(dead)} node{'s' if len(dead) != 1 else ''} exited; not converged"
+                       if dead else f"not converged within {timeout:g} s", file=out)
+            for s in statuses:
+                if not (s.alive and s.adverts_known == n):
+                    click.echo(f"  {s.name}: {mesh.log_file(s.name)}", file=out)
+            for s in dead[:3]:
+                click.echo(f"the end of {s.name}'s log:", file=out)
+                for line in log_tail(mesh.log_file(s.name), lines=8).splitlines():
+                    click.echo(f"    {line}", file=out)
+        if as_json:
+            click.echo(json.dumps({**_summary(mesh, statuses, converged),
+                                   "converge_s": round(converge_s, 3)}, sort_keys=True))
+        if foreground and converged:
+            click.echo("attached; Ctrl-C or SIGTERM stops the mesh", file=out)
+            live = _LiveTable(out)
+            while True:
+                live.update(mesh.status(), "Ctrl-C stops the mesh")
+                time.sleep(REFRESH_S)
+    except (KeyboardInterrupt, _Stop):
+        if not foreground:
+            click.echo(f"\ninterrupted; the nodes are left running: `hmnode simnet "
+                       f"down{_dir_flag(mesh)}` stops them", file=out)
+            sys.exit(130)
+        click.echo("", file=out)
+        converged = True  # stopped on request after converging is a success
+    if foreground:
+        _report_down(mesh.down(), out)
+    elif converged:
+        click.echo(f"the nodes keep running: `hmnode simnet status{_dir_flag(mesh)}` shows them, "
+                   f"`hmnode simnet down{_dir_flag(mesh)}` stops them", file=out)
+    else:
+        click.echo(f"the nodes still running are left to be looked at; `hmnode simnet "
+                   f"down{_dir_flag(mesh)}` stops them", file=out)
+    if not converged:
+        sys.exit(1)
+
+
+@simnet.command(short_help="Show the mesh's nodes.")
+@_dir_option
+@_json_option
+def status(directory: Path | None, as_json: bool) -> None:
+    """Show the mesh's nodes: pid, neighbours, adverts known and RSS (exit 3 if none runs)."""
+    mesh = _mesh(directory)
+    statuses = mesh.status()
+    converged = mesh.converged(statuses)
+    if as_json:
+        click.echo(json.dumps(_summary(mesh, statuses, converged), indent=2, sort_keys=True))
+    else:
+        _print_table(statuses, sys.stdout)
+        alive = sum(s.alive for s in statuses)
+        click.echo(f"{alive} of {len(statuses)} nodes running"
+                   + ("; converged" if converged else "; not converged") + f" ({mesh.dir})")
+    if not any(s.alive for s in statuses):
+        raise NoMesh(f"no node of the mesh in {mesh.dir} is running; `hmnode simnet "
+                     f"down{_dir_flag(mesh)}` clears it, `hmnode simnet up` starts one")
+
+
+def _report_down(outcomes: list[StopOutcome], out: IO[str]) -> None:
+    for o in outcomes:
+        click.echo(f"{o.name:8} pid {o.pid:>8}: {o.outcome}" + (f" ({o.detail})" if o.detail else ""),
+                   file=out)
+    counts = {kind: sum(o.outcome == kind for o in outcomes)
+              for kind in ("clean", "unclean", "killed", "not running")}
+    click.echo(f"{len(outcomes)} nodes: " + ", ".join(
+        f"{count} {'stopped cleanly' if kind == 'clean' else kind}"
+        for kind, count in counts.items() if count), file=out)
+
+
+@simnet.command(short_help="Stop every node of the mesh.")
+@_dir_option
+@click.option("--timeout", type=click.FloatRange(0, 600), default=10.0, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+@_json_option
+def down(directory: Path | None, timeout: float, as_json: bool) -> None:
+    """Stop every node of the mesh (SIGTERM, then SIGKILL after --timeout); exit 1 if any did not
+    stop cleanly."""
+    mesh = _mesh(directory)
+    outcomes = mesh.down(timeout)
+    if as_json:
+        click.echo(json.dumps({"dir": str(mesh.dir), "nodes": [o.to_dict() for o in outcomes]},
+                              indent=2, sort_keys=True))
+    else:
+        _report_down(outcomes, sys.stdout)
+    if any(o.outcome in ("killed", "unclean") for o in outcomes):
+        sys.exit(1)
+
+
 @simnet.command()
 @click.argument("name", type=click.Choice(sorted(BENCHMARKS)), required=False)
-@click.option("--runs", type=click.IntRange(1, 100), default=5, show_default=True,
-              help="Repetitions; figures are medians.")
+@click.option("--runs", type=click.IntRange(1, 100), default=None,
+              help=f"Repetitions; figures are medians [default: {DEFAULT_RUNS}, 1 for gossip].")
+@click.option("--nodes", type=click.IntRange(2, 500), default=None,
+              help="Nodes in the mesh, for benchmarks of a mesh (gossip) [default: 10].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last.")
 @click.option("--list", "list_only", is_flag=True, help="List the benchmarks.")
-def bench(name: str | None, runs: int, as_json: bool, list_only: bool) -> None:
+def bench(name: str | None, runs: int | None, nodes: int | None, as_json: bool,
+          list_only: bool) -> None:
     """Run benchmark NAME; each figure is printed beside a baseline from the same run."""
     if list_only or name is None:
-        for bench_name, module in sorted(BENCHMARKS.items()):
+        for bench_name, module in BENCHMARKS.items():
             click.echo(f"{bench_name:12} {(module.__doc__ or '').strip().splitlines()[0]}")
         return
     module = BENCHMARKS[name]
+    kwargs: dict[str, Any] = {}
+    # Only mesh benchmarks take a node count; say so rather than ignore the flag.
+    if "nodes" in inspect.signature(module.run).parameters:
+        if nodes is not None:
+            kwargs["nodes"] = nodes
+    elif nodes is not None:
+        raise click.UsageError(f"--nodes does not apply to the {name} benchmark")
+    runs = runs or getattr(module, "DEFAULT_RUNS", DEFAULT_RUNS)
     with click.progressbar(length=runs * module.STEPS_PER_RUN, label=f"bench {name}", file=click.get_text_stream("stderr")) as bar:
-        figures = module.run(runs=runs, progress=bar.update)
+        figures = module.run(runs=runs, progress=bar.update, **kwargs)
     for line in module.report(figures):
         click.echo(line, err=as_json)
     if as_json:

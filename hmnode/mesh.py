@@ -90,6 +90,7 @@ class Mesh:
         self._received_at: dict[NodeId, float] = {}
         self._queued: dict[NodeId, list[tuple[str, dict]]] = {}
         self._dialling: dict[NodeId, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self.bootstrap: tuple[PeerAddress, ...] = ()
         self._own: Advert | None = None
@@ -196,10 +197,16 @@ class Mesh:
             except TimeoutError:
                 pass
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def close(self) -> None:
-        for task in self._dialling.values():
+        tasks = [*self._dialling.values(), *self._tasks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._dialling.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._dialling.clear()
         self._persist_peers(self._now())
 
@@ -261,11 +268,13 @@ class Mesh:
         if gone:
             self.store.write(lambda tx: [tx.delete(schema.ADVERTS, a.node_id.key) for a in gone])
 
-    async def _anti_entropy(self) -> None:
+    async def _anti_entropy(self, peer: Peer | None = None) -> None:
+        """Pull what a neighbour (`peer`, else a random one) has that this node lacks."""
         active = self.membership.active
-        if not active:
-            return
-        peer = self.rng.choice(active)
+        if peer is None:
+            if not active:
+                return
+            peer = self.rng.choice(active)
         conn = self.endpoint.peers.get(peer.node_id)
         if conn is None or not conn.is_established:
             return
@@ -325,6 +334,9 @@ class Mesh:
         if isinstance(event, NeighborUp):
             self._addr_of[event.peer.node_id] = event.peer.addr
             self.broadcast.neighbor_up(event.peer.node_id, now)
+            # A new neighbour may hold adverts that were broadcast before this link existed
+            # (a joining or restarted node's above all): pull them now, not at the next round.
+            self._spawn(self._anti_entropy(event.peer))
             self.store.write(lambda tx: tx.put(schema.PEERS, event.peer.node_id.key,
                                                KnownPeer(event.peer.addr, now)))
             log.info("neighbour up: %s at %s", event.peer.node_id.short(), event.peer.addr)
@@ -333,6 +345,9 @@ class Mesh:
             log.info("neighbour down: %s (%s)", event.peer.node_id.short(), event.reason)
         elif isinstance(event, PeerDead):
             log.info("peer %s declared dead", event.node_id.short())
+            conn = self.endpoint.peers.get(event.node_id)
+            if conn is not None:
+                conn.close(reason="declared dead by membership")
         elif isinstance(event, MembershipMisbehaved):
             self._misbehaved(event.node_id, f"membership: {event.reason}")
 

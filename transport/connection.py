@@ -202,7 +202,8 @@ class PeerConnection:
             elif isinstance(event, events.PingAcknowledged):
                 sent = self._pings.pop(event.uid, None)
                 if sent is not None:
-                    self.rtt_s = self._now() - sent
+                    # perf_counter: the loop's clock has only millisecond resolution on uvloop.
+                    self.rtt_s = time.perf_counter() - sent
             elif isinstance(event, events.StreamReset):
                 self._on_stream_reset(event.stream_id, f"reset by peer (code {event.error_code})")
             elif isinstance(event, events.StopSendingReceived):
@@ -514,8 +515,9 @@ class PeerConnection:
         if self.closed.done():
             return
         uid = next(self._ping_ids)
-        self._pings = {k: v for k, v in self._pings.items() if self._now() - v < 60}
-        self._pings[uid] = self._now()
+        now = time.perf_counter()
+        self._pings = {k: v for k, v in self._pings.items() if now - v < 60}
+        self._pings[uid] = now
         self.quic.send_ping(uid)
         self.transmit()
 
