@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from hmnode import __version__, schema
-from hmnode.config import Config, HostPort, PeerAddress, write_config
+from hmnode.config import Config, PeerAddress, write_config
 from hmnode.control import ControlServer, MethodError
 from hmnode.datadir import DataDir
 from hmnode.errors import HmnodeError, IdentityError

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -35,6 +36,17 @@ def hmnode(*args: str | os.PathLike, env: dict[str, str] | None = None,
     """Run one `hmnode` command to completion."""
     return subprocess.run([*HMNODE, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env or clean_env())
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float, poll_s: float = 0.2) -> Any:
+    """Poll `check` until it returns something truthy (returned), or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 @dataclass

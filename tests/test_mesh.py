@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import hmnode
+from conftest import hmnode, wait_until
 from hmnode.adverts import make_advert
 from hmnode.identity import NodeId, NodeKey
 from hmnode.transport.connection import Handlers
@@ -22,16 +22,6 @@ def _json(*args: Any) -> Any:
     result = hmnode(*args)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def _until(check, what: str, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_join_without_an_agent_records_the_peer(tmp_path: Path) -> None:
@@ -57,8 +47,9 @@ def test_two_agents_join_and_learn_each_others_adverts(tmp_path: Path, agents) -
     assert joined["joined"] and joined["node_id"] == a_status["node_id"]
     both = {a_status["node_id"], b_status["node_id"]}
     for data_dir in (a_dir, b_dir):
-        _until(lambda: {ad["node_id"] for ad in _json("assets", "--mesh", "--json", "--data-dir", data_dir)} == both,
-               f"both adverts at {data_dir.name}")
+        wait_until(lambda: {ad["node_id"] for ad in
+                            _json("assets", "--mesh", "--json", "--data-dir", data_dir)} == both,
+                   f"both adverts at {data_dir.name}", WAIT_S)
     views = _json("peers", "--json", "--data-dir", a_dir)
     assert [m["node_id"] for m in views["active"]] == [b_status["node_id"]]
     assert views["connections"][0]["node_id"] == b_status["node_id"]

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from conftest import hmnode
+from conftest import hmnode, wait_until
 from hmnode import control
 from hmnode.simnet.bench import gossip
 from hmnode.simnet.local import LocalMesh, NodeRecord
@@ -23,16 +21,6 @@ DETECT_S = 30.0
 # A restarted node's fresh advert spreads by anti-entropy pulls (every ~5 s per node) when it
 # was published before the node had neighbours again.
 SPREAD_S = 60.0
-
-
-def _until(check: Callable[[], Any], what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def _gone(pid: int) -> bool:
@@ -131,18 +119,18 @@ def test_ten_nodes_converge_and_a_crashed_node_is_detected_and_rejoins(mesh_dir:
     mesh.kill(victim.name)
     assert _gone(victim.pid)
     others = [rec.name for rec in records if rec.name != victim.name]
-    _until(lambda: not any(_believed_alive_at(mesh, name, victim.node_id) for name in others),
+    wait_until(lambda: not any(_believed_alive_at(mesh, name, victim.node_id) for name in others),
            f"every node to notice that {victim.name} died", DETECT_S)
     assert [s.alive for s in mesh.status()].count(False) == 1
 
     restarted = mesh.start(victim.name)
     assert restarted.address == victim.address and restarted.node_id == victim.node_id
     assert restarted.pid != victim.pid
-    _until(lambda: (_call(mesh, victim.name, "mesh_stats")["active"] or 0) > 0,
+    wait_until(lambda: (_call(mesh, victim.name, "mesh_stats")["active"] or 0) > 0,
            f"{victim.name} to rejoin through its stored peers", DETECT_S)
     assert mesh.wait_converged(CONVERGE_S)
     # Its fresh advert (a higher sequence) reaches every node: it rejoined, not just restarted.
-    _until(lambda: all(next(ad["seq"] for ad in _call(mesh, name, "adverts")
+    wait_until(lambda: all(next(ad["seq"] for ad in _call(mesh, name, "adverts")
                             if ad["node_id"] == victim.node_id) > old_seq for name in others),
            f"{victim.name}'s new advert to reach every node", SPREAD_S)
 
