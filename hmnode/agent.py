@@ -23,7 +23,7 @@ from hmnode.schema import AgentRun, NodeEvent
 from hmnode.store import Store, Txn
 from hmnode.supervisor import Subsystem, Supervisor
 from hmnode.transport.connection import Handlers
-from hmnode.transport.endpoint import Endpoint
+from hmnode.transport.endpoint import ConnectionLimits, Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class Agent:
         self._inventory: Inventory | None = store.read(
             lambda tx: tx.get(schema.INVENTORY, schema.INVENTORY_LATEST))
         self._inventory_fresh = asyncio.Event()
-        self.endpoint = Endpoint(key, Handlers())
+        self.endpoint = Endpoint(key, Handlers(), limits=ConnectionLimits(
+            max_connections=config.max_connections, max_per_ip=config.max_connections_per_ip))
         self.mesh = Mesh(key, self.endpoint, store, self._describe)
         self.control = ControlServer(data_dir.control_socket, {
             "status": self._status,

@@ -117,6 +117,17 @@ def _seconds(low: float, high: float) -> Callable[[Any], float]:
     return parse
 
 
+def _count(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}, got {value!r}")
+        return value
+
+    return parse
+
+
 def _setting(key: str, default: Any, parse: Callable[[Any], Any], env: str, help: str) -> Any:
     return field(default=default, metadata={"key": key, "parse": parse, "env": env, "help": help})
 
@@ -132,6 +143,14 @@ class Config:
     bootstrap: tuple[PeerAddress, ...] = _setting(
         "node.bootstrap", (), _peers, "HMNODE_BOOTSTRAP",
         "peers to join through at start: ID@HOST:PORT, or HOST:PORT (unpinned)",
+    )
+    max_connections: int = _setting(
+        "transport.max_connections", 256, _count(1, 100_000), "HMNODE_MAX_CONNECTIONS",
+        "most QUIC connections the node holds at once",
+    )
+    max_connections_per_ip: int = _setting(
+        "transport.max_connections_per_ip", 16, _count(1, 100_000), "HMNODE_MAX_CONNECTIONS_PER_IP",
+        "most connections from one IP address (raise it when many peers share one NAT)",
     )
     log_level: str = _setting(
         "log.level", "info", _choice("debug", "info", "warning", "error"), "HMNODE_LOG_LEVEL",

@@ -322,3 +322,16 @@ def test_an_empty_unknown_section_is_refused_too(tmp_path: Path) -> None:
     path.write_text("[bogus]\n")
     with pytest.raises(ConfigError, match=r"unknown key bogus in .*config\.toml"):
         load_config(path, env={})
+
+
+def test_connection_limits_are_settings_with_checked_ranges(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text("[transport]\nmax_connections_per_ip = 64\n")
+    config = load_config(path, env={"HMNODE_MAX_CONNECTIONS": "512"})
+    assert (config.max_connections, config.max_connections_per_ip) == (512, 64)
+    for bad in ("0", "-3", "many", "1.5"):
+        with pytest.raises(ConfigError, match="transport.max_connections"):
+            load_config(path, env={"HMNODE_MAX_CONNECTIONS": bad})
+    path.write_text("[transport]\nmax_connections_per_ip = true\n")
+    with pytest.raises(ConfigError, match="transport.max_connections_per_ip"):
+        load_config(path, env={})
