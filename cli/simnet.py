@@ -302,3 +302,76 @@ def bench(name: str | None, runs: int | None, nodes: int | None, as_json: bool,
         click.echo(line, err=as_json)
     if as_json:
         click.echo(json.dumps(figures, sort_keys=True))
+
+
+def _seed_range(text: str) -> list[int]:
+    """`A..B` (inclusive) as a list of seeds."""
+    first, sep, last = text.partition("..")
+    try:
+        a, b = int(first), int(last)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not A..B (two integers)") from None
+    if not sep or b < a or b - a >= 100_000:
+        raise click.BadParameter(f"{text!r} is not A..B with A <= B (at most 100000 seeds)")
+    return list(range(a, b + 1))
+
+
+@simnet.command(short_help="Run a deterministic simulation and check what it promised.")
+@click.option("--scenario", type=click.Choice(["gossip"]), default="gossip", show_default=True,
+              help="What to simulate.")
+@click.option("--nodes", type=click.IntRange(2, 2000), default=20, show_default=True,
+              help="Simulated nodes.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of one run: it fixes keys, faults and every random choice [default: 1].")
+@click.option("--seeds", "seed_range", default=None, metavar="A..B",
+              help="Run a swarm of seeds A..B (inclusive); each seed picks its own faults.")
+@click.option("--duration", type=click.FloatRange(1.0, 86_400.0), default=90.0, show_default=True,
+              help="Virtual seconds to simulate; the last 40 s or more are a quiet phase.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object last.")
+def sim(scenario: str, nodes: int, seed: int | None, seed_range: str | None, duration: float,
+        as_json: bool) -> None:
+    """Run a simulated mesh (real protocol cores, virtual clock and network, faults picked by
+    the seed); print the trace hash and each checker's verdict. Exits 1 on any violation."""
+    from hmnode.simnet.sim import run as run_sim
+
+    if seed is not None and seed_range is not None:
+        raise click.UsageError("give --seed or --seeds, not both")
+    out = click.get_text_stream("stderr") if as_json else click.get_text_stream("stdout")
+    if seed_range is None:
+        result = run_sim(nodes, 1 if seed is None else seed, duration)
+        click.echo(f"{scenario} nodes={nodes} seed={result.seed} duration={duration:g}s "
+                   f"trace {result.trace_hash}", file=out)
+        for name, verdict in result.verdicts.items():
+            click.echo(f"  {name:15} {'ok' if verdict is True else 'VIOLATED: ' + str(verdict)}",
+                       file=out)
+        if not result.ok:
+            click.echo(f"reproduce: {result.reproduce}", file=out)
+        if as_json:
+            click.echo(json.dumps(result.to_json(), sort_keys=True))
+        if not result.ok:
+            sys.exit(1)
+        return
+    seeds = _seed_range(seed_range)
+    violations: list[dict[str, Any]] = []
+    hashes: dict[str, str] = {}
+    started = time.monotonic()
+    for one in seeds:
+        result = run_sim(nodes, one, duration)
+        hashes[str(one)] = result.trace_hash
+        bad = {k: v for k, v in result.verdicts.items() if v is not True}
+        click.echo(f"seed {one:6} {result.trace_hash[:16]} "
+                   f"{'ok' if not bad else 'VIOLATED ' + ', '.join(bad)}", file=out)
+        for checker, verdict in bad.items():
+            violations.append({"seed": one, "checker": checker, "detail": verdict,
+                               "reproduce": result.reproduce})
+    click.echo(f"{len(seeds)} seeds, {len({v['seed'] for v in violations})} with violations, "
+               f"{time.monotonic() - started:.1f}s", file=out)
+    for v in violations:
+        click.echo(f"  seed {v['seed']} {v['checker']}: {v['detail']}\n    {v['reproduce']}",
+                   file=out)
+    if as_json:
+        click.echo(json.dumps({"scenario": scenario, "nodes": nodes, "duration": duration,
+                               "seeds": seeds, "trace_hashes": hashes,
+                               "violations": violations, "ok": not violations}, sort_keys=True))
+    if violations:
+        sys.exit(1)
