@@ -371,7 +371,8 @@ def sim(scenario: str, nodes: int, seed: int | None, seed_range: str | None, dur
                    file=out)
     if as_json:
         click.echo(json.dumps({"scenario": scenario, "nodes": nodes, "duration": duration,
-                               "seeds": seeds, "trace_hashes": hashes,
+                               "seeds": len(seeds), "seed_range": [seeds[0], seeds[-1]],
+                               "trace_hashes": hashes,
                                "violations": violations, "ok": not violations}, sort_keys=True))
     if violations:
         sys.exit(1)
