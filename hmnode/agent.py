@@ -16,7 +16,7 @@ from hmnode.config import Config, PeerAddress, write_config
 from hmnode.control import ControlServer, MethodError
 from hmnode.datadir import DataDir
 from hmnode.errors import HmnodeError, IdentityError
-from hmnode.hardware import Inventory, collect_inventory
+from hmnode.hardware import Inventory, NetInterface, collect_inventory, probe_network
 from hmnode.identity import NodeId, NodeKey, load_or_create_key
 from hmnode.mesh import Mesh, format_addr
 from hmnode.schema import AgentRun, NodeEvent
@@ -172,7 +172,9 @@ class Agent:
 
     def _describe(self) -> tuple[list[str], dict[str, Any]]:
         """What this node's advert says: where to reach it and what it could share."""
-        addresses = advertised_addresses(self.endpoint.addresses, self._inventory)
+        # Before the first inventory, ask the interfaces directly (cheap, and needed at start).
+        network = self._inventory.network if self._inventory else probe_network()
+        addresses = advertised_addresses(self.endpoint.addresses, network)
         return addresses, shareable(self._inventory)
 
     # --- control methods --------------------------------------------------------------------
@@ -239,7 +241,7 @@ class Agent:
         } for node_id, conn in sorted(self.endpoint.peers.items())]}
 
 
-def advertised_addresses(bound: list[tuple], inventory: Inventory | None) -> list[str]:
+def advertised_addresses(bound: list[tuple], network: tuple[NetInterface, ...]) -> list[str]:
     """Where peers can reach this node: the bound addresses, with a wildcard replaced by the
     machine's interface addresses (loopback only when there is nothing else)."""
     out: list[str] = []
@@ -247,7 +249,7 @@ def advertised_addresses(bound: list[tuple], inventory: Inventory | None) -> lis
         if host not in ("0.0.0.0", "::"):
             out.append(format_addr((host, port)))
             continue
-        ips = [ip for iface in (inventory.network if inventory else ()) if iface.is_up
+        ips = [ip for iface in network if iface.is_up
                for ip in iface.addresses if (":" in ip) == (host == "::") and "%" not in ip]
         public = [ip for ip in ips if not ipaddress.ip_address(ip).is_loopback]
         out.extend(format_addr((ip, port)) for ip in (public or ips))

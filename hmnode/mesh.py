@@ -105,14 +105,21 @@ class Mesh:
         return time.time()
 
     def _my_addr(self) -> str:
-        addresses = self.endpoint.addresses
-        return format_addr(addresses[0]) if addresses else "0.0.0.0:0"
+        advertised = self.describe()[0]
+        if advertised:
+            return advertised[0]
+        bound = self.endpoint.addresses
+        return format_addr(bound[0]) if bound else "127.0.0.1:0"
 
     # --- start, loop ------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Take known peers and adverts from the store, so a restart rejoins without bootstrap."""
+        """Once the endpoint is bound: take this node's reachable address for membership, and
+        known peers and adverts from the store, so a restart rejoins without bootstrap."""
         now = self._now()
+        # Membership names this node to others (shuffle replies come back to this address), so
+        # it must be a dialable one, known only after binding.
+        self.membership = Membership(Peer(self.me, self._my_addr()), self.rng)
 
         def read(tx: Txn) -> tuple[list, list, int]:
             return (list(tx.items(schema.PEERS)), [a for _, a in tx.items(schema.ADVERTS)],
