@@ -183,8 +183,11 @@ class Mesh:
             now = self._now()
             self.membership.tick(now)
             self.broadcast.tick(now)
-            ready = self._own is not None or bool(self.describe()[1]) or now >= first_advert_by
-            if ready and (now >= next_advert or self._advert_changed()):
+            addresses, inventory = self.describe()  # once a tick: it may probe the interfaces
+            ready = self._own is not None or bool(inventory) or now >= first_advert_by
+            content = (tuple(addresses), _freeze(inventory))
+            changed = self._own_content is not None and self._own_content != content
+            if ready and (now >= next_advert or changed):
                 self.publish(now)
                 next_advert = now + self.config.advert_refresh_s
             if now >= next_sync:
@@ -218,10 +221,6 @@ class Mesh:
         self._persist_peers(self._now())
 
     # --- adverts ----------------------------------------------------------------------------
-
-    def _advert_changed(self) -> bool:
-        addresses, inventory = self.describe()
-        return self._own_content is not None and self._own_content != (tuple(addresses), _freeze(inventory))
 
     def publish(self, now: float) -> Advert:
         """Sign and broadcast a new advert of this node (its sequence is kept on disk)."""
