@@ -9,8 +9,10 @@ expired adverts, and refuses forged, malformed or stale ones with a reason.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,20 +50,22 @@ class Advert:
     expires_at: float
     signature: bytes = field(default=b"", compare=False)
 
+    # Cached: an advert is checked, hashed and relayed many times, and it is frozen.
+    @functools.cached_property
     def signed_bytes(self) -> bytes:
         """The canonical bytes the signature covers."""
         return _DOMAIN + msgpack.packb(
             [ADVERT_VERSION, self.node_id.key, self.seq, list(self.addresses), self.inventory,
              sorted(self.prices.items()), self.issued_at, self.expires_at], use_bin_type=True)
 
-    @property
+    @functools.cached_property
     def msg_id(self) -> bytes:
         """A short id for gossip dedup: differs for every distinct signed advert."""
-        return hashlib.blake2b(self.signed_bytes() + self.signature, digest_size=16).digest()
+        return hashlib.blake2b(self.signed_bytes + self.signature, digest_size=16).digest()
 
     def verify(self) -> bool:
         """Whether the signature is the node's own over this advert's content."""
-        return verify(self.node_id, self.signed_bytes(), self.signature)
+        return verify(self.node_id, self.signed_bytes, self.signature)
 
     def to_wire(self) -> dict[str, Any]:
         """The advert as a msgpack-able map."""
@@ -108,7 +112,7 @@ def make_advert(key: NodeKey, seq: int, addresses: list[str], inventory: dict[st
     prices = prices or {name: 0.0 for name in PRICE_KEYS}
     unsigned = Advert(key.node_id, seq, tuple(addresses), inventory, prices, now, now + ttl_s)
     try:
-        signed = unsigned.signed_bytes()
+        signed = unsigned.signed_bytes
     except (OverflowError, TypeError, ValueError) as exc:
         raise AdvertRejected(f"advert content cannot be encoded: {exc}") from None
     advert = dataclasses.replace(unsigned, signature=key.sign(signed))
@@ -118,15 +122,24 @@ def make_advert(key: NodeKey, seq: int, addresses: list[str], inventory: dict[st
 
 
 class AdvertStore:
-    """The newest valid advert of every node (sans-IO: the caller passes `now`)."""
+    """The newest valid advert of every node (sans-IO: the caller passes `now`).
 
-    def __init__(self, max_adverts: int = 100_000) -> None:
+    The anti-entropy digest is kept per bucket and recomputed only for buckets that changed,
+    so a digest costs the same in a mesh of ten nodes or a hundred thousand.
+    """
+
+    def __init__(self, max_adverts: int = 100_000,
+                 verifier: Callable[[Advert], bool] = Advert.verify) -> None:
         self.max_adverts = max_adverts
+        # Pluggable so that a simulator of many nodes can share one cache of a pure function.
+        self.verifier = verifier
         self._adverts: dict[NodeId, Advert] = {}
+        self._buckets: list[dict[bytes, int]] = [{} for _ in range(DIGEST_BUCKETS)]
+        self._bucket_hash: list[bytes | None] = [None] * DIGEST_BUCKETS
 
     def check(self, advert: Advert, now: float) -> None:
         """Raise AdvertRejected if `advert` would not be accepted now (nothing changes)."""
-        if not advert.verify():
+        if not self.verifier(advert):
             raise AdvertRejected(f"advert of {advert.node_id.short()} seq {advert.seq} has a bad signature")
         if advert.expires_at <= now:
             raise AdvertRejected(f"advert of {advert.node_id.short()} seq {advert.seq} has expired")
@@ -143,6 +156,7 @@ class AdvertStore:
         """Keep `advert` if it is valid and newer than what is known; else AdvertRejected."""
         self.check(advert, now)
         self._adverts[advert.node_id] = advert
+        self._mark(advert.node_id.key, advert.seq)
 
     def is_news(self, advert: Advert) -> bool:
         """Whether `advert` is newer than the one held (without checking its signature)."""
@@ -152,9 +166,15 @@ class AdvertStore:
     def get(self, node_id: NodeId) -> Advert | None:
         return self._adverts.get(node_id)
 
+    def seq_of(self, key: bytes) -> int:
+        """The sequence held for the node with public key `key` (-1: none)."""
+        if len(key) < 1:
+            return -1
+        return self._buckets[key[0]].get(key, -1)
+
     def all(self) -> list[Advert]:
         """Every advert, by node id."""
-        return [self._adverts[n] for n in sorted(self._adverts)]
+        return sorted(self._adverts.values(), key=lambda a: a.node_id.key)
 
     def __len__(self) -> int:
         return len(self._adverts)
@@ -164,22 +184,48 @@ class AdvertStore:
         gone = [a for a in self.all() if a.expires_at <= now]
         for advert in gone:
             del self._adverts[advert.node_id]
+            self._mark(advert.node_id.key, None)
         return gone
+
+    def _mark(self, key: bytes, seq: int | None) -> None:
+        bucket = self._buckets[key[0]]
+        if seq is None:
+            bucket.pop(key, None)
+        else:
+            bucket[key] = seq
+        self._bucket_hash[key[0]] = None
 
     def digest(self) -> list[bytes]:
         """A fixed-size summary for anti-entropy: per bucket of node ids (by first key byte), a
         hash of its (node, sequence) pairs. 256 entries whatever the mesh's size."""
-        buckets: list[list[bytes]] = [[] for _ in range(DIGEST_BUCKETS)]
-        for node_id in sorted(self._adverts):
-            buckets[node_id.key[0]].append(node_id.key + self._adverts[node_id].seq.to_bytes(8, "big"))
-        return [hashlib.blake2b(b"".join(b), digest_size=8).digest() for b in buckets]
+        hashes = self._bucket_hash
+        for i, cached in enumerate(hashes):
+            if cached is None:
+                bucket = self._buckets[i]
+                hashes[i] = hashlib.blake2b(b"".join(
+                    key + bucket[key].to_bytes(8, "big") for key in sorted(bucket)),
+                    digest_size=8).digest()
+        return list(hashes)  # type: ignore[arg-type]
+
+    def differing_summary(self, digest: list[bytes]) -> list[tuple[bytes, int]]:
+        """(node key, sequence) of every advert in the buckets whose hash differs from the
+        peer's `digest`: what the peer may lack, at a few dozen bytes an entry."""
+        mine = self.digest()
+        out: list[tuple[bytes, int]] = []
+        for i in range(DIGEST_BUCKETS):
+            if i >= len(digest) or digest[i] != mine[i]:
+                out.extend(sorted(self._buckets[i].items()))
+        return out
 
     def differing(self, digest: list[bytes]) -> list[Advert]:
         """The adverts in every bucket whose hash differs from the peer's `digest`: a superset of
         what the peer lacks (it ignores the ones it already has)."""
         mine = self.digest()
-        stale = {i for i in range(DIGEST_BUCKETS) if i >= len(digest) or digest[i] != mine[i]}
-        return [a for a in self.all() if a.node_id.key[0] in stale]
+        out = []
+        for i in range(DIGEST_BUCKETS):
+            if i >= len(digest) or digest[i] != mine[i]:
+                out.extend(self._adverts[NodeId(key)] for key in sorted(self._buckets[i]))
+        return out
 
 
 def _is_int(value: Any) -> bool:

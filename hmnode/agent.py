@@ -194,7 +194,7 @@ class Agent:
         return self.mesh.advert_list()
 
     async def _advertise(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        advert = self.mesh.publish(time.time())
+        advert = self.mesh.publish()
         return {"seq": advert.seq, "issued_at": advert.issued_at}
 
     async def _mesh_stats(self, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,11 +22,31 @@ _B32_LEN = 52
 _KEY_FILE_HEADER = b"hmnode-ed25519-seed-v1\n"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, eq=False)
 class NodeId:
     """A node's identity: its Ed25519 public key (32 bytes)."""
 
     key: bytes
+
+    # Written out rather than generated: ids are hashed and compared on every message, and the
+    # generated methods build a tuple each time.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NodeId) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __lt__(self, other: "NodeId") -> bool:
+        return self.key < other.key
+
+    def __le__(self, other: "NodeId") -> bool:
+        return self.key <= other.key
+
+    def __gt__(self, other: "NodeId") -> bool:
+        return self.key > other.key
+
+    def __ge__(self, other: "NodeId") -> bool:
+        return self.key >= other.key
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, bytes) or len(self.key) != _KEY_BYTES:

@@ -145,6 +145,11 @@ class Store:
         self._check_open()
         return self._in_write_txn(lambda txn: fn(Txn(txn, self._dbs)))
 
+    def sync(self) -> None:
+        """Flush every committed write to disk (commits already do; this says it is needed)."""
+        self._check_open()
+        self._env.sync(True)
+
     def _in_write_txn(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         while True:
             try:

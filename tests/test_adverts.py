@@ -39,7 +39,7 @@ def test_forged_adverts_are_refused_and_change_nothing() -> None:
     store = AdvertStore()
     genuine = advert(KEYS[1])
     # Signed by another key while claiming KEYS[1]'s id.
-    forged = dataclasses.replace(genuine, signature=KEYS[2].sign(genuine.signed_bytes()))
+    forged = dataclasses.replace(genuine, signature=KEYS[2].sign(genuine.signed_bytes))
     # Genuine signature, content changed afterwards.
     tampered = dataclasses.replace(genuine, addresses=("10.0.0.1:1",))
     for bad in (forged, tampered):

@@ -96,7 +96,7 @@ def test_forged_and_replayed_adverts_are_refused_and_counted(tmp_path: Path, age
             # Forged: claims to be the victim, signed with the rogue's key.
             genuine = make_advert(victim_key, 1, ["127.0.0.1:2"], {}, None, now, 600)
             forged = type(genuine)(victim_key.node_id, 1, ("127.0.0.1:2",), {}, genuine.prices,
-                                   now, now + 600, rogue_key.sign(genuine.signed_bytes()))
+                                   now, now + 600, rogue_key.sign(genuine.signed_bytes))
             conn.notify("bc", gossip(forged))
             await asyncio.sleep(1.0)
         finally:

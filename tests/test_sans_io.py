@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CORES = ["hmnode/membership.py", "hmnode/broadcast.py", "hmnode/adverts.py"]
+CORES = ["hmnode/membership.py", "hmnode/broadcast.py", "hmnode/adverts.py", "hmnode/gossip_node.py"]
 
 BANNED_MODULES = {"socket", "asyncio", "threading", "secrets", "uuid", "subprocess", "lmdb"}
 BANNED_CALLS = {

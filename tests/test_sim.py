@@ -122,9 +122,9 @@ def test_forgery_checker_catches_a_node_that_accepts_everything() -> None:
 
 
 def test_convergence_checker_fails_when_there_is_no_time_to_converge() -> None:
-    # A driver that drops what broadcast delivers and never syncs cannot converge; the checker
-    # must say so rather than pass by default.
-    settings = SimSettings(store_deliveries=False, anti_entropy=False)
+    # A node that drops every advert it hears of cannot converge; the checker must say so
+    # rather than pass by default.
+    settings = SimSettings(store_deliveries=False)
     result = run(8, 4, 25.0, settings)
     assert isinstance(result.verdicts["convergence"], str)
     assert not result.ok

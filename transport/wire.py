@@ -197,36 +197,67 @@ def _check_key(value: Any) -> None:
         raise WireError(f"integer map key {_short(value)} does not fit in 64 bits")
 
 
+_LEAF_TYPES = frozenset({type(None), bool, float, str, bytes})
+
+
 def _check_body(tag: str, name: str, value: Any, *, encoding: bool = False) -> None:
-    """Walk a body without recursion: types, integer range, depth and item counts."""
+    """Walk a body without recursion: types, integer range, depth and item counts.
+
+    Values of the exact common types take a fast path (this walk runs on every message);
+    anything else, subclasses included, goes through `_check_other`."""
     # The body sits directly under the message's map, which is depth 1.
+    if type(value) in _LEAF_TYPES:
+        return
     stack: list[tuple[Any, int]] = [(value, 2)]
+    push = stack.append
     while stack:
         item, depth = stack.pop()
-        if item is None or isinstance(item, (bool, float, str, bytes)):
+        kind = type(item)
+        if kind is dict:
+            children: Any = item.values()
+            for key in item:
+                if type(key) is not str:
+                    _check_key(key)
+        elif kind is list or (encoding and kind is tuple):
+            children = item
+        else:
+            pushed = _check_other(tag, name, item, depth, encoding)
+            if pushed is not None:
+                push(pushed)
             continue
-        if isinstance(item, int):
-            if not _MIN_INT <= item <= _MAX_INT:
-                raise WireError(f"{tag!r} message: integer {_short(item)} in field {name!r} "
-                                "does not fit in 64 bits")
-            continue
-        is_list = isinstance(item, list) or (encoding and isinstance(item, tuple))
-        if not is_list and not isinstance(item, dict):
-            raise WireError(f"{tag!r} message: field {name!r} holds a value of type "
-                            f"{_describe(item)}, which the wire cannot carry")
         if depth > MAX_DEPTH:
             raise WireError(f"{tag!r} message: field {name!r} nests deeper than "
                             f"{MAX_DEPTH} levels", ErrorCode.TOO_LARGE)
         if len(item) > MAX_ITEMS:
-            raise WireError(f"{tag!r} message: a {'list' if is_list else 'map'} in field "
+            raise WireError(f"{tag!r} message: a {'map' if kind is dict else 'list'} in field "
                             f"{name!r} has {len(item)} elements, over the limit of {MAX_ITEMS}",
                             ErrorCode.TOO_LARGE)
-        if is_list:
-            stack.extend((child, depth + 1) for child in item)
-        else:
-            for key, child in item.items():
-                _check_key(key)
-                stack.append((child, depth + 1))
+        for child in children:
+            child_kind = type(child)
+            if child_kind in _LEAF_TYPES:
+                continue
+            if child_kind is int and _MIN_INT <= child <= _MAX_INT:
+                continue
+            push((child, depth + 1))
+
+
+def _check_other(tag: str, name: str, item: Any, depth: int,
+                 encoding: bool) -> tuple[Any, int] | None:
+    """The slow path of `_check_body` for one value: raises if the wire cannot carry it, or
+    returns it (a container subclass) to be walked."""
+    if item is None or isinstance(item, (bool, float, str, bytes)):
+        return None
+    if isinstance(item, int):
+        if not _MIN_INT <= item <= _MAX_INT:
+            raise WireError(f"{tag!r} message: integer {_short(item)} in field {name!r} "
+                            "does not fit in 64 bits")
+        return None
+    if isinstance(item, list) or (encoding and isinstance(item, tuple)):
+        return (list(item), depth)
+    if isinstance(item, dict):
+        return (dict(item), depth)
+    raise WireError(f"{tag!r} message: field {name!r} holds a value of type "
+                    f"{_describe(item)}, which the wire cannot carry")
 
 
 _Check = Callable[[str, str, Any], None]

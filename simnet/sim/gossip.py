@@ -1,17 +1,19 @@
-"""The `gossip` scenario: a mesh of simulated nodes, each running the real membership and
-broadcast cores and an advert store wired as the asyncio driver (`hmnode.mesh`) wires them,
-under faults that the seed picks; then checkers that say whether the mesh kept its promises.
+"""The `gossip` scenario: a mesh of simulated nodes, each running the real `GossipNode`
+(membership, broadcast, adverts, anti-entropy: the code `hmnode run` runs) in a simulated
+environment, under faults that the seed picks; then checkers that say whether the mesh kept its
+promises.
 
-Phases: nodes join one by one through random earlier nodes and publish an advert; a faulty
-phase (loss, duplication, corruption, reordering, a partition, a crash and restart, a pause:
-which of them and how hard comes from the seed); heal; a quiet phase. Checkers:
+Phases: nodes join one by one through random earlier nodes and advertise; a faulty phase (loss,
+duplication, corruption, reordering, a partition, a crash and restart from the node's synced
+disk, a pause, a thin uplink, skewed and drifting clocks: which of them and how hard comes from
+the seed) in which every node's inventory changes once; heal; a quiet phase. Checkers:
 
 - convergence: after the quiet phase every live node holds every live node's newest advert;
-- no_forgery: no honest store ever holds an advert its owner did not sign, nor goes back to
-  an older sequence number (a malicious node keeps injecting both);
+- no_forgery: no honest store ever takes an advert its owner did not sign, nor goes back to
+  an older sequence number while it runs (a malicious node keeps injecting both);
 - view_bounds: active and passive views stay within their configured sizes;
-- bounded_queues: the cores' outboxes and the network's inbound queues stay bounded and every
-  pump settles;
+- bounded_queues: no input makes a node send more than its cores' outboxes hold, the network's
+  inbound queues stay bounded, and every pump settles;
 - no_crash: no core raised on any input, corrupted frames included.
 """
 
@@ -19,60 +21,99 @@ from __future__ import annotations
 
 import dataclasses
 import traceback
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any
 
 import nacl.signing
 
-from hmnode.adverts import DIGEST_BUCKETS, Advert, AdvertRejected, AdvertStore, make_advert
-from hmnode.broadcast import Broadcast, BroadcastConfig, Delivered
-from hmnode.broadcast import Misbehaved as BroadcastMisbehaved
+from hmnode.adverts import Advert, AdvertStore
+from hmnode.env import Env
+from hmnode.gossip_node import (BROADCAST_TOPIC, MAX_SYNC_ADVERTS, MAX_SYNC_SUMMARY, CoreStalled, GossipConfig,
+                                GossipNode, GossipObserver)
 from hmnode.identity import NodeId, NodeKey
-from hmnode.membership import Membership, MembershipConfig, NeighborDown, NeighborUp, Peer
-from hmnode.membership import Misbehaved as MembershipMisbehaved
+from hmnode.membership import Peer, PeerDead
 
-from .clock import VirtualClock
+from .clock import NodeClock, VirtualClock
 from .network import NetParams, SimNetwork
+from .store import SimStore
 
-MEMBERSHIP_TOPIC = "mem"
-BROADCAST_TOPIC = "bc"
-SYNC_TOPIC = "sync"
-SYNC_ANSWER_TOPIC = "sync-ans"
-MAX_SYNC_ADVERTS = 256
-MAX_PUMP_ROUNDS = 100
-MIN_TIMER_STEP_S = 0.001  # a core asking to be ticked "now" again still lets time advance
 REJOIN_CHECK_S = 10.0
 CHECKERS = ("convergence", "no_forgery", "view_bounds", "bounded_queues", "no_crash")
 PARTITIONS = ("none", "isolate", "split", "bridge", "asym")
 CALM = NetParams()
+# Clock faults stay within what adverts tolerate (hmnode.adverts.MAX_CLOCK_SKEW_S is 300 s):
+# beyond it a node's adverts are refused by design, which is not a fault of the protocol.
+MAX_CLOCK_OFFSET_S = 60.0
+MAX_CLOCK_DRIFT = 500e-6
 
 
 @dataclass(frozen=True)
 class SimSettings:
-    """Cadences of the simulated driver and the knobs tests use to break it on purpose."""
+    """How the scenario runs, and the knobs tests use to break it on purpose."""
 
-    anti_entropy_s: float = 2.0
     check_every_s: float = 1.0
     join_every_s: float = 0.2
-    publish_delay_s: float = 1.0
     # The bound on healing: membership retries peers it declared dead, and a node knowing
     # nobody beyond its neighbours asks a contact again, every 30 probe intervals (30 s by
     # default), so two halves that forgot each other during a partition may take that long
     # to find each other again; the quiet phase must outlast it, plus a few sync rounds.
     min_quiet_s: float = 40.0
     quiet_fraction: float = 0.35
+    faults: bool = True
     forgeries: bool = True
     forge_every_s: float = 3.0
+    # What every node runs: production's defaults.
+    gossip: GossipConfig = GossipConfig()
     # Accept every payload and every advert unchecked: a broken node for testing the checkers.
     gullible: bool = False
-    # Off: a driver that forgets to store delivered adverts and never syncs (also for tests).
+    # Off: a driver that drops every advert it hears of (also for testing the checkers).
     store_deliveries: bool = True
-    anti_entropy: bool = True
-    advert_ttl_s: float = 600.0
-    membership: MembershipConfig = MembershipConfig()
-    broadcast: BroadcastConfig = BroadcastConfig()
+    # Keep each delivery of a published advert (for benchmarks; costs memory on big runs).
+    record_deliveries: bool = False
+    # Look for convergence every check after heal (an O(nodes^2) scan until it is reached).
+    watch_convergence: bool = True
+
+
+class SignatureCache:
+    """`Advert.verify`, remembered: the same advert reaches every node, and the answer is a pure
+    function of its signed bytes and signature."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[bytes, bytes], bool] = {}
+        self.checks = 0
+
+    def __call__(self, advert: Advert) -> bool:
+        key = (advert.signed_bytes, advert.signature)
+        known = self._known.get(key)
+        if known is None:
+            self.checks += 1
+            known = self._known[key] = advert.verify()
+        return known
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A node took a published advert: how (gossip, sync, disk), after how many hops and how
+    long after it was published (virtual seconds)."""
+
+    owner: NodeId
+    seq: int
+    holder: int
+    via: str
+    hops: int | None
+    delay_s: float
+
+
+@dataclass(frozen=True)
+class Death:
+    """A node declared another dead; `target_alive` says whether it was in fact running."""
+
+    time: float
+    observer: int
+    target: int
+    target_alive: bool
 
 
 @dataclass(frozen=True)
@@ -93,6 +134,10 @@ class FaultPlan:
     pause_node: int | None = None
     pause_at: float = 0.0
     pause_s: float = 0.0
+    slow_node: int | None = None
+    slow_bytes_per_s: float = 0.0
+    # (offset seconds, drift) of each node's clock, for nodes 0..len-1; the rest keep true time.
+    clocks: tuple[tuple[float, float], ...] = ()
 
     @classmethod
     def pick(cls, rng: Random, honest: int, start: float, end: float) -> "FaultPlan":
@@ -126,12 +171,29 @@ class FaultPlan:
         if rng.random() < 0.5:
             pause = rng.uniform(0.2, min(5.0, span / 2))
             plan.update(pause_node=rng.randrange(honest), pause_at=when(pause), pause_s=pause)
+        if rng.random() < 0.3:
+            # A node on a thin uplink (a phone tether, a saturated DSL line): 8 to 64 kB/s.
+            plan.update(slow_node=rng.randrange(honest), slow_bytes_per_s=rng.uniform(8e3, 64e3))
+        if rng.random() < 0.5:
+            spread = rng.uniform(0.0, MAX_CLOCK_OFFSET_S)
+            plan["clocks"] = tuple((rng.uniform(-spread, spread),
+                                    rng.uniform(-MAX_CLOCK_DRIFT, MAX_CLOCK_DRIFT))
+                                   for _ in range(honest))
         return cls(**plan)
 
     def describe(self) -> dict[str, Any]:
-        """The plan as a JSON-able map, rounded for reading."""
-        return {k: (round(v, 3) if isinstance(v, float) else (list(v) if isinstance(v, tuple) else v))
-                for k, v in dataclasses.asdict(self).items()}
+        """The plan as a JSON-able map, rounded for reading (clocks as their largest offset
+        and drift)."""
+        out: dict[str, Any] = {}
+        for k, v in dataclasses.asdict(self).items():
+            if k == "clocks":
+                out["clock_offset_max_s"] = round(max((abs(o) for o, _ in v), default=0.0), 3)
+                out["clock_drift_max_ppm"] = round(max((abs(d) for _, d in v), default=0.0) * 1e6, 1)
+            elif isinstance(v, float):
+                out[k] = round(v, 3)
+            else:
+                out[k] = list(v) if isinstance(v, tuple) else v
+        return out
 
 
 @dataclass(frozen=True)
@@ -174,8 +236,31 @@ class _GullibleStore(AdvertStore):
         return None
 
 
-class _Node:
-    """One simulated node: the cores, its advert store, and what it keeps on 'disk'."""
+class _LiarNode(GossipNode):
+    """The malicious node: runs the real protocol, but offers forged sequences in anti-entropy
+    and answers with forgeries too."""
+
+    forge: Callable[[], list[Advert]] = staticmethod(lambda: [])
+
+    def sync_summary(self, digest: list[bytes]) -> list[tuple[bytes, int]]:
+        claims = [(a.node_id.key, a.seq) for a in self.forge()]
+        return [*super().sync_summary(digest), *claims][:MAX_SYNC_SUMMARY]
+
+    def sync_answer(self, want: list[bytes]) -> list[Advert]:
+        return [*super().sync_answer(want), *self.forge()][:MAX_SYNC_ADVERTS]
+
+
+class _ForgetfulNode(GossipNode):
+    """A broken driver that drops every advert it hears of (for testing the checkers)."""
+
+    def _take(self, advert: Advert, via: str, hops: int | None) -> None:
+        return None
+
+
+class _Node(GossipObserver):
+    """One simulated node: a real `GossipNode` in an environment of virtual clock (with this
+    node's offset and drift), the shared seeded rng, the simulated network and a SimStore that
+    survives crashes as far as it was synced."""
 
     def __init__(self, sim: "_GossipSim", index: int, key: NodeKey, malicious: bool) -> None:
         self.sim = sim
@@ -185,255 +270,134 @@ class _Node:
         self.id = key.node_id
         self.peer = Peer(self.id, f"10.{index // 250}.{index % 250}.1:7000")
         self.malicious = malicious
-        # Durable state, kept across a crash: the advert sequence and the peers it knew.
-        self.seq = 0
-        self.known: list[Peer] = []
-        self.kept_adverts: list[Advert] = []
+        self.disk = SimStore()
+        self.clock_offset = 0.0
+        self.clock_drift = 0.0
+        self.revision = 0  # what the node shares; bumped to make it advertise again
         self.contact: Peer | None = None
         self.life = 0
         self.up = False
-        self._timer_at: float | None = None
-        self.membership: Membership
-        self.broadcast: Broadcast
-        self.store: AdvertStore
-        # What a malicious node saw, to replay later.
-        self.seen_adverts: list[Advert] = []
+        self.gossip: GossipNode
+        self.seen_adverts: list[Advert] = []  # what the malicious node saw, to replay later
+        self._sent = 0
 
     # --- life -------------------------------------------------------------------------------
 
     def boot(self) -> None:
-        """Start with fresh cores (the first time, or after a crash)."""
-        s = self.sim.settings
+        """Start a fresh process: new cores over what the disk kept."""
+        sim, s = self.sim, self.sim.settings
         self.life += 1
         self.up = True
-        self._timer_at = None
-        self.store = _GullibleStore() if s.gullible else AdvertStore()
-        self.membership = Membership(self.peer, self.sim.rng, s.membership)
-        self.broadcast = Broadcast(self.id, self.sim.rng, validate=self._valid, config=s.broadcast)
-        if self.life == 1:
-            self.sim.net.attach(self.id, self.name, self._on_frame, self._on_unreachable)
+        clock = NodeClock(sim.clock, self.clock_offset, self.clock_drift, self._wrap)
+        env = Env(clock, sim.rng, self, self.disk)
+        store = _GullibleStore(verifier=sim.verify) if s.gullible else AdvertStore(verifier=sim.verify)
+        if self.malicious:
+            node: GossipNode = _LiarNode(self.key, self.peer.addr, env, self.describe, s.gossip,
+                                         self, store)
+            node.forge = lambda: sim.forgeries(self)  # type: ignore[attr-defined]
         else:
-            self.sim.net.restart(self.id, self._on_frame, self._on_unreachable)
-        self._every(s.anti_entropy_s, self._anti_entropy)
+            cls = GossipNode if s.store_deliveries else _ForgetfulNode
+            node = cls(self.key, self.peer.addr, env, self.describe, s.gossip, self, store)
+        self.gossip = node
+        if self.life == 1:
+            sim.net.attach(self.id, self.name, self._on_frame, self._on_unreachable)
+        else:
+            sim.net.restart(self.id, self._on_frame, self._on_unreachable)
+        self._guard(node.start)
         self._every(REJOIN_CHECK_S, self._keep_joined)
 
     def crash(self) -> None:
-        """Lose everything but the durable state; the network drops what is in flight."""
-        self.known = [*self.membership.active, *self.membership.passive]
-        self.kept_adverts = self.store.all()
+        """Power loss: the process and its unsynced writes are gone; so is what is in flight."""
         self.up = False
+        if self.disk.crash():
+            self.sim.count("lost_commits")
         self.sim.net.crash(self.id)
 
     def restart(self) -> None:
-        """Come back with fresh cores, the adverts kept on disk, and rejoining through the
-        peers remembered (as `Mesh.load`)."""
+        """Come back as a fresh process over the same disk (it rejoins through the peers it
+        remembers, as `hmnode run` does)."""
         self.boot()
-        for advert in self.kept_adverts:
-            try:
-                self.store.offer(advert, self.sim.now)
-            except AdvertRejected:
-                pass  # expired while down
-        if self.known:
-            self._guard(lambda: self.membership.add_passive(self.known, self.sim.now))
-        self.sim.clock.call_later(self.sim.settings.publish_delay_s, self._alive(self.publish))
 
     def join(self, contact: Peer) -> None:
         """Ask `contact` to take this node into the overlay."""
         self.contact = contact
-        self._guard(lambda: self.membership.join(contact, self.sim.now))
+        self._guard(lambda: self.gossip.join(contact))
 
-    def _alive(self, fn: Any) -> Any:
-        """`fn` wrapped to do nothing if this life of the node has ended; a paused node runs it
-        when the pause ends."""
-        life = self.life
+    def change_inventory(self) -> None:
+        """What the node shares changes: it advertises again at its next look."""
+        self.revision += 1
+
+    def describe(self) -> tuple[list[str], dict[str, Any]]:
+        return [self.peer.addr], {"cpu": {"cores": 4}, "revision": self.revision}
+
+    def _keep_joined(self) -> None:
+        # As the driver's bootstrap loop: a node with no neighbours asks its contact again.
+        if not self.gossip.membership.active and self.contact is not None:
+            self.join(self.contact)
+
+    # --- the environment's callbacks --------------------------------------------------------
+
+    def _wrap(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """`fn` as a callback of this life of the node: dropped once the life ends, held while
+        the node is paused, guarded."""
+        life, net = self.life, self.sim.net
 
         def call() -> None:
             if not self.up or self.life != life:
                 return
-            if self.sim.net.is_paused(self.id):
-                self.sim.clock.call_at(self.sim.net.paused_until(self.id), call)
+            if net.is_paused(self.id):
+                self.sim.clock.call_at(net.paused_until(self.id), call)
                 return
-            fn()
+            self._guard(fn)
         return call
 
-    def _every(self, period: float, fn: Any) -> None:
-        life = self.life
+    def _every(self, period: float, fn: Callable[[], None]) -> None:
+        clock, rng = self.sim.clock, self.sim.rng
 
         def again() -> None:
-            if self.life != life or not self.up:
-                return
-            self._alive(fn)()
-            self.sim.clock.call_later(period * self.sim.rng.uniform(0.75, 1.25), again)
-        self.sim.clock.call_later(period * self.sim.rng.uniform(0.0, 1.0), again)
+            fn()
+            clock.call_later(period * rng.uniform(0.75, 1.25), self._wrap(again))
+        clock.call_later(period * rng.random(), self._wrap(again))
 
-    # --- the driver, as hmnode.mesh does it -------------------------------------------------
-
-    def publish(self) -> None:
-        """Sign and broadcast a new advert (its sequence number is durable)."""
-        now = self.sim.now
-        self.seq += 1
-        advert = make_advert(self.key, self.seq, [self.peer.addr], {"cpu": {"cores": 4}}, None,
-                             now, self.sim.settings.advert_ttl_s)
-        self.sim.genuine.add((advert.node_id.key, advert.seq, advert.signature))
-        self.sim.newest[self.id] = advert.seq
-        self.store.offer(advert, now)
-        self._guard(lambda: self.broadcast.broadcast(advert.msg_id, advert.to_wire(), now))
-
-    def _valid(self, msg_id: bytes, payload: Any) -> bool:
-        if self.sim.settings.gullible:
-            return True
+    def _guard(self, step: Callable[[], None]) -> None:
+        """Run one input to the node; a core that raises is a finding, not a stop."""
+        self._sent = 0
         try:
-            advert = Advert.from_wire(payload)
-            if advert.msg_id != msg_id:
-                return False
-            self.store.check(advert, self.sim.now)
-        except AdvertRejected:
-            return False
-        return True
-
-    def _take_advert(self, payload: Any) -> None:
-        try:
-            advert = Advert.from_wire(payload)
-            self.store.offer(advert, self.sim.now)
-        except AdvertRejected:
-            return
-        if self.malicious:
-            self.seen_adverts.append(advert)
+            step()
+        except CoreStalled as exc:
+            self.sim.unbounded(f"{self.name} at t={self.sim.now:.3f}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any exception from a core is the finding
+            self.sim.core_error(self, exc)
+        self.sim.note_burst(self, self._sent)
 
     def _on_frame(self, src: Hashable, topic: str, body: Any) -> None:
         assert isinstance(src, NodeId)
-        now = self.sim.now
-        if topic == MEMBERSHIP_TOPIC:
-            self._guard(lambda: self.membership.receive(self.sim.peer_of(src), body, now))
-        elif topic == BROADCAST_TOPIC:
-            self._guard(lambda: self.broadcast.receive(src, body, now))
-        elif topic == SYNC_TOPIC:
-            self._serve_sync(src, body)
-        elif topic == SYNC_ANSWER_TOPIC:
-            self._take_sync(body)
-        else:
-            self.sim.count("unknown_topic")
+        self._guard(lambda: self.gossip.receive(self.sim.peer_of(src), topic, body))
 
     def _on_unreachable(self, dst: Hashable) -> None:
         assert isinstance(dst, NodeId)
-        self._alive(lambda: self._guard(lambda: self.membership.connection_failed(dst, self.sim.now)))()
+        self._wrap(lambda: self.gossip.connection_failed(dst))()
 
-    def _guard(self, step: Any) -> None:
-        """Run one input to the cores, then pump; a core that raises is a finding, not a stop."""
-        try:
-            step()
-        except Exception as exc:  # noqa: BLE001 - any exception from a core is the finding
-            self.sim.core_error(self, exc)
-        self._pump()
+    # --- hmnode.env.Network -----------------------------------------------------------------
 
-    def _pump(self) -> None:
-        if not self.up:
-            return
-        for _ in range(MAX_PUMP_ROUNDS):
-            try:
-                m_out = self.membership.take_outbox()
-                m_events = self.membership.take_events()
-                b_out = self.broadcast.take_outbox()
-                b_events = self.broadcast.take_events()
-            except Exception as exc:  # noqa: BLE001
-                self.sim.core_error(self, exc)
-                return
-            self.sim.note_outbox(self, len(m_out), len(b_out))
-            if not (m_out or m_events or b_out or b_events):
-                break
-            for peer, message in m_out:
-                self.sim.net.send(self.id, peer.node_id, MEMBERSHIP_TOPIC, message)
-            for event in m_events:
-                self._on_membership_event(event)
-            for node_id, message in b_out:
-                self.sim.net.send(self.id, node_id, BROADCAST_TOPIC, message)
-            for event in b_events:
-                if isinstance(event, Delivered) and event.sender is not None:
-                    if self.sim.settings.store_deliveries:
-                        self._take_advert(event.payload)
-                elif isinstance(event, BroadcastMisbehaved):
-                    self.sim.count("broadcast_misbehaved")
-        else:
-            self.sim.unbounded(f"{self.name}: the cores still had output after "
-                               f"{MAX_PUMP_ROUNDS} pump rounds at t={self.sim.now:.3f}")
-        self._schedule()
+    def send(self, dst: NodeId, addr: str | None, topic: str, body: dict[str, Any]) -> None:
+        self._sent += 1
+        self.sim.net.send(self.id, dst, topic, body)
 
-    def _on_membership_event(self, event: Any) -> None:
-        now = self.sim.now
-        try:
-            if isinstance(event, NeighborUp):
-                self.broadcast.neighbor_up(event.peer.node_id, now)
-                # As the driver does: pull what a new neighbour has at once.
-                self._ask_sync(event.peer.node_id)
-            elif isinstance(event, NeighborDown):
-                self.broadcast.neighbor_down(event.peer.node_id, now)
-            elif isinstance(event, MembershipMisbehaved):
-                self.sim.count("membership_misbehaved")
-        except Exception as exc:  # noqa: BLE001
-            self.sim.core_error(self, exc)
+    def disconnect(self, dst: NodeId, reason: str) -> None:
+        return None  # the simulated network has no connections to drop
 
-    def _schedule(self) -> None:
-        """Arm one clock entry for the cores' earliest deadline (the heap does the polling)."""
-        deadlines = [d for d in (self.membership.next_deadline(), self.broadcast.next_deadline())
-                     if d is not None]
-        if not deadlines:
-            return
-        when = max(min(deadlines), self.sim.now + MIN_TIMER_STEP_S)
-        if self._timer_at is not None and self._timer_at <= when:
-            return
-        self._timer_at = when
-        self.sim.clock.call_at(when, self._alive(lambda: self._fire(when)))
+    def misbehaved(self, peer: NodeId, reason: str) -> None:
+        self.sim.count("misbehaviour_noted")
 
-    def _fire(self, when: float) -> None:
-        if self._timer_at != when:
-            return  # superseded by an earlier one, which has run
-        self._timer_at = None
-        now = self.sim.now
-        self._guard(lambda: (self.membership.tick(now), self.broadcast.tick(now)))
+    # --- GossipObserver ---------------------------------------------------------------------
 
-    def _keep_joined(self) -> None:
-        # As the driver's bootstrap loop: a node with no neighbours asks its contact again.
-        if not self.membership.active and self.contact is not None:
-            self.join(self.contact)
+    def advert_taken(self, advert: Advert, via: str, hops: int | None, now: float) -> None:
+        self.sim.advert_taken(self, advert, via, hops)
 
-    # --- anti-entropy -----------------------------------------------------------------------
-
-    def _anti_entropy(self) -> None:
-        active = self.membership.active
-        if active:
-            self._ask_sync(self.sim.rng.choice(active).node_id)
-
-    def _ask_sync(self, peer: NodeId) -> None:
-        if not self.sim.settings.anti_entropy:
-            return
-        self.sim.net.send(self.id, peer, SYNC_TOPIC, {"digest": self.store.digest()})
-
-    def _serve_sync(self, src: NodeId, body: Any) -> None:
-        digest = body.get("digest") if isinstance(body, dict) else None
-        if (not isinstance(digest, list) or len(digest) != DIGEST_BUCKETS
-                or not all(isinstance(h, bytes) for h in digest)):
-            self.sim.count("bad_sync")
-            return
-        newer = [a.to_wire() for a in self.store.differing(digest)]
-        if self.malicious:
-            newer.extend(a.to_wire() for a in self.sim.forgeries(self))
-        self.sim.rng.shuffle(newer)
-        self.sim.net.send(self.id, src, SYNC_ANSWER_TOPIC, {"adverts": newer[:MAX_SYNC_ADVERTS]})
-
-    def _take_sync(self, body: Any) -> None:
-        adverts = body.get("adverts") if isinstance(body, dict) else None
-        if not isinstance(adverts, list):
-            self.sim.count("bad_sync")
-            return
-        for wire in adverts[:MAX_SYNC_ADVERTS]:
-            try:
-                advert = Advert.from_wire(wire)
-                if self.store.is_news(advert):
-                    self.store.offer(advert, self.sim.now)
-                    if self.malicious:
-                        self.seen_adverts.append(advert)
-            except AdvertRejected:
-                self.sim.count("sync_rejected")
+    def membership_event(self, event: Any, now: float) -> None:
+        if isinstance(event, PeerDead):
+            self.sim.peer_dead(self, event.node_id)
 
 
 class _GossipSim:
@@ -449,6 +413,9 @@ class _GossipSim:
         self.rng = Random(seed)
         self.clock = VirtualClock()
         self.net = SimNetwork(self.clock, self.rng, CALM)
+        # Signature checks are pure, so every node may share one cache of them: the same
+        # advert is checked at every node, and Ed25519 costs more than the rest of a delivery.
+        self.verify = SignatureCache()
         # The last node is malicious when there are enough others to make that interesting.
         self.malicious = nodes - 1 if settings.forgeries and nodes >= 4 else None
         self.nodes = [_Node(self, i, NodeKey(nacl.signing.SigningKey(self.rng.randbytes(32))),
@@ -456,15 +423,21 @@ class _GossipSim:
         self.by_id = {node.id: node for node in self.nodes}
         self.genuine: set[tuple[bytes, int, bytes]] = set()
         self.newest: dict[NodeId, int] = {}
+        self.published_at: dict[tuple[NodeId, int], float] = {}
+        self.deliveries: list[Delivery] = []
+        self.deaths: list[Death] = []
         self.counters: dict[str, int] = {}
         self.problems: dict[str, str] = {}
         self._store_seqs: dict[tuple[int, NodeId], int] = {}
-        self._max_outbox = 0
-        self.join_end = settings.join_every_s * nodes + settings.publish_delay_s + 2.0
+        self._max_burst = 0
+        self.join_end = settings.join_every_s * nodes + 2.0
         quiet = max(settings.min_quiet_s, settings.quiet_fraction * duration)
         self.heal_at = max(self.join_end, duration - quiet)
         honest = nodes - 1 if self.malicious is not None else nodes
-        self.plan = FaultPlan.pick(self.rng, honest, self.join_end, self.heal_at)
+        self.plan = (FaultPlan.pick(self.rng, honest, self.join_end, self.heal_at)
+                     if settings.faults else FaultPlan())
+        for i, (offset, drift) in enumerate(self.plan.clocks):
+            self.nodes[i].clock_offset, self.nodes[i].clock_drift = offset, drift
         self.converged_at: float | None = None
 
     @property
@@ -486,28 +459,66 @@ class _GossipSim:
     def unbounded(self, text: str) -> None:
         self.problems.setdefault("bounded_queues", text)
 
-    def note_outbox(self, node: _Node, m: int, b: int) -> None:
-        self._max_outbox = max(self._max_outbox, m, b)
-        s = self.settings
-        if m > s.membership.max_outbox or b > s.broadcast.max_outbox:
-            self.unbounded(f"{node.name}: outbox of {m} membership / {b} broadcast messages at "
-                           f"t={self.now:.3f}")
+    def note_burst(self, node: _Node, sent: int) -> None:
+        """One input made `node` send `sent` messages: more than a core's outbox holds means a
+        queue grew past its bound somewhere."""
+        self._max_burst = max(self._max_burst, sent)
+        s = self.settings.gossip
+        if sent > s.membership.max_outbox + s.broadcast.max_outbox:
+            self.unbounded(f"{node.name}: one input sent {sent} messages at t={self.now:.3f}")
+
+    # --- what nodes report ------------------------------------------------------------------
+
+    def advert_taken(self, holder: _Node, advert: Advert, via: str, hops: int | None) -> None:
+        """no_forgery, checked as it happens: an honest store takes only genuine adverts, and
+        never goes back to an older one while it runs."""
+        owner = advert.node_id
+        if via == "own":
+            self.genuine.add((owner.key, advert.seq, advert.signature))
+            self.newest[owner] = advert.seq
+            self.published_at[(owner, advert.seq)] = self.now
+            return
+        if holder.malicious:
+            holder.seen_adverts.append(advert)
+            return
+        if (owner.key, advert.seq, advert.signature) not in self.genuine:
+            self.problems.setdefault(
+                "no_forgery", f"{holder.name} at t={self.now:.3f} took a forged advert of "
+                f"{self.by_id[owner].name if owner in self.by_id else '?'} seq {advert.seq} via {via}")
+        key = (holder.index, owner)
+        # A restart reads what the disk kept, which may be older than what the node held.
+        if via != "disk" and advert.seq < self._store_seqs.get(key, 0):
+            self.problems.setdefault(
+                "no_forgery", f"{holder.name} at t={self.now:.3f} went back to seq {advert.seq} "
+                f"of {self.by_id[owner].name} via {via}")
+        self._store_seqs[key] = advert.seq
+        published = self.published_at.get((owner, advert.seq))
+        if self.settings.record_deliveries and published is not None:
+            self.deliveries.append(Delivery(owner, advert.seq, holder.index, via, hops,
+                                            self.now - published))
+
+    def peer_dead(self, observer: _Node, dead: NodeId) -> None:
+        """Note that `observer` declared `dead` dead, and whether it was in fact running."""
+        target = self.by_id.get(dead)
+        alive = target is not None and target.up
+        self.deaths.append(Death(self.now, observer.index, target.index if target else -1, alive))
 
     # --- the malicious node -----------------------------------------------------------------
 
     def forgeries(self, liar: _Node) -> list[Advert]:
         """Adverts no honest store may take: claimed for a victim but signed by `liar`, a
         victim's genuine advert with altered content, and replays of older sequences."""
-        victims = [n for n in self.nodes if n is not liar and n.seq > 0]
+        victims = [n for n in self.nodes if n is not liar and self.newest.get(n.id)]
         if not victims:
             return []
         victim = self.rng.choice(victims)
-        now = self.now
-        claimed = Advert(victim.id, victim.seq + 1000, ("6.6.6.6:666",), {"cpu": {"cores": 999}},
+        now = liar.gossip.env.clock.now()
+        newest = self.newest[victim.id]
+        claimed = Advert(victim.id, newest + 1000, ("6.6.6.6:666",), {"cpu": {"cores": 999}},
                          {"core_hour": 0.0, "gb_hour": 0.0, "gpu_hour": 0.0, "start_fee": 0.0},
                          now, now + 600.0)
-        out = [dataclasses.replace(claimed, signature=liar.key.sign(claimed.signed_bytes()))]
-        own = victim.store.get(victim.id) if victim.up else None
+        out = [dataclasses.replace(claimed, signature=liar.key.sign(claimed.signed_bytes))]
+        own = victim.gossip.own if victim.up else None
         if own is not None:
             tampered = dataclasses.replace(own, seq=own.seq + 1000, addresses=("6.6.6.6:666",))
             out.append(tampered)  # the genuine signature no longer covers it
@@ -522,7 +533,7 @@ class _GossipSim:
         liar = self.nodes[self.malicious]
         if not liar.up:
             return
-        neighbours = [p.node_id for p in liar.membership.active]
+        neighbours = [p.node_id for p in liar.gossip.membership.active]
         for advert in self.forgeries(liar):
             # Raw gossip frames to every neighbour, bypassing the liar's own dedup, so the
             # receivers' validation is all that stops them.
@@ -538,7 +549,7 @@ class _GossipSim:
         faulty = dataclasses.replace(CALM, loss=p.loss, duplicate=p.duplicate, corrupt=p.corrupt,
                                      latency_extra_s=p.latency_extra_s)
 
-        def set_params(params: NetParams) -> Any:
+        def set_params(params: NetParams) -> Callable[[], None]:
             return lambda: setattr(net, "params", params)
 
         clock.call_at(self.join_end, set_params(faulty))
@@ -570,70 +581,64 @@ class _GossipSim:
             clock.call_at(p.crash_at + p.down_s, lambda: node.up or node.restart())
         if p.pause_node is not None:
             clock.call_at(p.pause_at, lambda: self.net.pause(self.nodes[p.pause_node].id, p.pause_s))
+        if p.slow_node is not None:
+            slow = self.nodes[p.slow_node].id
+            clock.call_at(self.join_end, lambda: net.limit_uplink(slow, p.slow_bytes_per_s))
+            clock.call_at(self.heal_at, lambda: net.limit_uplink(slow, None))
         clock.call_at(self.heal_at, net.heal)
 
     # --- checks -----------------------------------------------------------------------------
 
     def _check(self) -> None:
-        cfg = self.settings.membership
+        cfg = self.settings.gossip.membership
         for node in self.nodes:
             if not node.up:
                 continue
-            active, passive = node.membership.active, node.membership.passive
+            active, passive = node.gossip.membership.active, node.gossip.membership.passive
             if len(active) > cfg.active_size or len(passive) > cfg.passive_size or any(
                     p.node_id == node.id for p in (*active, *passive)):
                 self.problems.setdefault(
                     "view_bounds", f"{node.name} at t={self.now:.3f}: active {len(active)}/"
                     f"{cfg.active_size}, passive {len(passive)}/{cfg.passive_size}")
-            if node.malicious:
-                continue
-            for advert in node.store.all():
-                if (advert.node_id.key, advert.seq, advert.signature) not in self.genuine:
-                    self.problems.setdefault(
-                        "no_forgery", f"{node.name} at t={self.now:.3f} holds a forged advert of "
-                        f"{self.by_id[advert.node_id].name if advert.node_id in self.by_id else '?'} "
-                        f"seq {advert.seq}")
-                key = (node.index, advert.node_id)
-                if advert.seq < self._store_seqs.get(key, 0):
-                    self.problems.setdefault(
-                        "no_forgery", f"{node.name} at t={self.now:.3f} went back to seq {advert.seq}")
-                self._store_seqs[key] = advert.seq
-        if self.now >= self.heal_at and self.converged_at is None and not self._missing():
+        if (self.settings.watch_convergence and self.now >= self.heal_at
+                and self.converged_at is None and not self._missing(first_only=True)):
             self.converged_at = self.now
 
     def _live(self) -> list[_Node]:
         return [n for n in self.nodes if n.up and not n.malicious]
 
-    def _missing(self) -> list[tuple[_Node, _Node, int]]:
+    def _missing(self, first_only: bool = False) -> list[tuple[_Node, _Node, int]]:
         live = self._live()
         missing = []
         for holder in live:
+            store = holder.gossip.adverts
             for owner in live:
-                held = holder.store.get(owner.id)
+                held = store.get(owner.id)
                 have = held.seq if held is not None else 0
-                if have != owner.seq:
+                if have != self.newest.get(owner.id, 0):
                     missing.append((holder, owner, have))
+                    if first_only:
+                        return missing
         return missing
 
     # --- the run ----------------------------------------------------------------------------
 
-    def run(self) -> Result:
+    def start(self) -> None:
+        """Schedule the joins, faults, inventory changes, forgeries and checks."""
         s, clock = self.settings, self.clock
         for node in self.nodes:
             def start(node: _Node = node) -> None:
                 node.boot()
                 if node.index > 0:
-                    contact = self.nodes[self.rng.randrange(node.index)]
-                    node.join(contact.peer)
-                clock.call_later(s.publish_delay_s, node._alive(node.publish))
+                    node.join(self.nodes[self.rng.randrange(node.index)].peer)
             clock.call_at(node.index * s.join_every_s, start)
-        self._schedule_faults()
-        # Inventories change during the faults: every honest node publishes again at a random
-        # moment, so the newest adverts must cross whatever partition was up when they began.
-        for node in self.nodes:
-            if node.index != self.malicious and self.heal_at > self.join_end:
-                clock.call_at(self.rng.uniform(self.join_end, self.heal_at),
-                              lambda node=node: node.up and node._alive(node.publish)())
+        if s.faults:
+            self._schedule_faults()
+            # Inventories change during the faults: every honest node advertises again at a
+            # random moment, so the newest adverts must cross whatever partition was up.
+            for node in self.nodes:
+                if node.index != self.malicious and self.heal_at > self.join_end:
+                    clock.call_at(self.rng.uniform(self.join_end, self.heal_at), node.change_inventory)
         if self.malicious is not None:
             def forge() -> None:
                 self._forge()
@@ -644,7 +649,14 @@ class _GossipSim:
             self._check()
             clock.call_later(s.check_every_s, check)
         clock.call_at(s.check_every_s, check)
-        clock.run_until(self.duration)
+
+    def run(self) -> Result:
+        self.start()
+        self.clock.run_until(self.duration)
+        return self.result()
+
+    def result(self) -> Result:
+        """The checkers' verdicts on the run so far."""
         self._check()
         verdicts: dict[str, bool | str] = {}
         missing = self._missing()
@@ -653,7 +665,7 @@ class _GossipSim:
             verdicts["convergence"] = (
                 f"{len(missing)} (holder, owner) pairs lack the newest advert "
                 f"{self.duration - self.heal_at:.1f}s after heal; e.g. {holder.name} has "
-                f"{owner.name} seq {have}, newest {owner.seq}")
+                f"{owner.name} seq {have}, newest {self.newest.get(owner.id, 0)}")
         else:
             verdicts["convergence"] = True
         if self.net.max_inflight > self.net.params.queue_limit:
@@ -667,11 +679,12 @@ class _GossipSim:
             "heal_at": round(self.heal_at, 3),
             "converged_after_heal_s": (None if self.converged_at is None
                                        else round(self.converged_at - self.heal_at, 3)),
-            "events": clock.events_run,
+            "events": self.clock.events_run,
             "network": dict(sorted(self.net.counters.items())),
             "max_inflight": self.net.max_inflight,
-            "max_outbox": self._max_outbox,
+            "max_burst": self._max_burst,
             "driver": dict(sorted(self.counters.items())),
+            "false_deaths": sum(1 for d in self.deaths if d.target_alive),
             "live_nodes": len(self._live()),
         }
         return Result("gossip", self.n, self.seed, self.duration, self.net.trace_hash(), ok,

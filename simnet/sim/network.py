@@ -37,6 +37,8 @@ class NetParams:
     duplicate: float = 0.0
     corrupt: float = 0.0
     queue_limit: int = 2_000  # messages in flight to, or waiting at, one node
+    # A node's send queue on a limited uplink holds this much time's worth; past it, drops.
+    uplink_queue_s: float = 2.0
     connect_timeout_s: float = 0.5  # how long a send to a crashed node takes to fail
 
 
@@ -64,6 +66,8 @@ class _Host:
     epoch: int = 0  # bumped by each crash, so frames sent to an earlier life are lost
     paused_until: float = 0.0
     inflight: int = 0
+    uplink_bytes_per_s: float | None = None  # None: unlimited
+    uplink_free_at: float = 0.0  # when the uplink has sent everything queued on it
 
 
 class SimNetwork:
@@ -115,6 +119,13 @@ class SimNetwork:
 
     def paused_until(self, node: Hashable) -> float:
         return self._hosts[node].paused_until
+
+    def limit_uplink(self, node: Hashable, bytes_per_s: float | None) -> None:
+        """Give `node` an uplink of `bytes_per_s` (None: unlimited): its frames leave one after
+        another, each taking its size over the rate; a queue over `uplink_queue_s` drops."""
+        host = self._hosts[node]
+        host.uplink_bytes_per_s = bytes_per_s
+        self.record("uplink", node, node, repr(bytes_per_s).encode())
 
     def crash(self, node: Hashable) -> None:
         """Stop `node`: what is in flight to it is lost and its handlers are never called again."""
@@ -202,6 +213,10 @@ class SimNetwork:
             self.record("drop-part", src, dst, data)
             return
         p = self.params
+        departs = self._depart(src, len(data))
+        if departs is None:
+            self.record("drop-uplink", src, dst, data)
+            return
         if p.loss and self.rng.random() < p.loss:
             self.record("drop-loss", src, dst, data)
             return
@@ -215,11 +230,24 @@ class SimNetwork:
                 continue
             host.inflight += 1
             self.max_inflight = max(self.max_inflight, host.inflight)
-            delay = p.latency_min_s + (self.rng.expovariate(1.0 / p.latency_extra_s)
-                                       if p.latency_extra_s > 0 else 0.0)
+            delay = departs + p.latency_min_s + (self.rng.expovariate(1.0 / p.latency_extra_s)
+                                                 if p.latency_extra_s > 0 else 0.0)
             epoch = host.epoch
             self.record("send", src, dst, frame)
             self.clock.call_later(delay, lambda f=frame, e=epoch: self._arrive(src, dst, f, e))
+
+    def _depart(self, src: Hashable, size: int) -> float | None:
+        """How long until `src`'s uplink has sent `size` more bytes (0 if unlimited), or None
+        when its send queue is full."""
+        host = self._hosts.get(src)
+        if host is None or host.uplink_bytes_per_s is None:
+            return 0.0
+        now = self.clock.now
+        done = max(now, host.uplink_free_at) + size / host.uplink_bytes_per_s
+        if done - now > self.params.uplink_queue_s:
+            return None
+        host.uplink_free_at = done
+        return done - now
 
     def _corrupt(self, data: bytes) -> bytes:
         frame = bytearray(data)
