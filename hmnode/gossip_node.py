@@ -112,8 +112,7 @@ class GossipNode:
                                    config=config.broadcast)
         self.own: Advert | None = None
         self._own_content: tuple | None = None
-        # Whether the newest own advert was broadcast while this node had no neighbour (at start,
-        # before the join completes): it reached nobody, so it goes out again at the first one.
+        # Whether the newest own advert waits for a first neighbour to be broadcast to.
         self._own_unsent = False
         self._next_advert = 0.0
         self._first_advert_by = 0.0
@@ -139,7 +138,11 @@ class GossipNode:
             except AdvertRejected:
                 continue  # expired while the node was down: dropped at the next persist
             if advert.node_id == self.me:
+                # A restart does not re-advertise what peers already hold: only a change, or
+                # the refresh when it falls due.
                 self.own = advert
+                self._own_content = (tuple(advert.addresses), _freeze(advert.inventory))
+                self._next_advert = advert.issued_at + self.config.advert_refresh_s
             self.observer.advert_taken(advert, "disk", None, now)
         known = [Peer(NodeId(k), p.addr) for k, p in peers if NodeId(k) != self.me]
         for peer in known:
@@ -227,9 +230,15 @@ class GossipNode:
         self._next_advert = now + self.config.advert_refresh_s
         self.adverts.offer(advert, now)
         self.observer.advert_taken(advert, "own", None, now)
-        self._own_unsent = not self.membership.active
-        self.broadcast.broadcast(advert.msg_id, advert.to_wire(), now)
-        self._pump()
+        if self.membership.active:
+            self._own_unsent = False
+            self.broadcast.broadcast(advert.msg_id, advert.to_wire(), now)
+            self._pump()
+        else:
+            # Broadcast now, it would reach nobody (this node is starting, or cut off), and
+            # anti-entropy alone spreads it a hop per few rounds: it goes out at the first
+            # neighbour instead.
+            self._own_unsent = True
         return advert
 
     def persist(self) -> None:
@@ -438,12 +447,9 @@ class GossipNode:
             # A new neighbour may hold adverts that were broadcast before this link existed
             # (a joining or restarted node's above all): pull them now, not at the next round.
             self._ask_sync(event.peer)
-            if self._own_unsent:
-                # Anti-entropy alone would spread it a hop per few rounds; a new advert goes
-                # down the broadcast tree in well under a second. (Not from inside the pump.)
+            if self._own_unsent and self.own is not None:
                 self._own_unsent = False
-                clock = self.env.clock
-                clock.call_at(clock.now(), lambda: None if self.stopped else self.publish())
+                self.broadcast.broadcast(self.own.msg_id, self.own.to_wire(), now)
         elif isinstance(event, NeighborDown):
             self.broadcast.neighbor_down(event.peer.node_id, now)
         elif isinstance(event, PeerDead):

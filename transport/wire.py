@@ -215,9 +215,10 @@ def _check_body(tag: str, name: str, value: Any, *, encoding: bool = False) -> N
         kind = type(item)
         if kind is dict:
             children: Any = item.values()
-            for key in item:
-                if type(key) is not str:
-                    _check_key(key)
+            if encoding:  # decoded maps had their keys checked as they were built
+                for key in item:
+                    if type(key) is not str:
+                        _check_key(key)
         elif kind is list or (encoding and kind is tuple):
             children = item
         else:
@@ -316,9 +317,15 @@ def encode_message(msg: Message) -> bytes:
 def _build_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     # Called by msgpack for each map as it completes, so keys are vetted before they are hashed
     # and a repeated key (which would let two decoders read one map differently) is refused.
-    for key, _ in pairs:
-        _check_key(key)
-    result = dict(pairs)
+    try:
+        result = dict(pairs)
+    except TypeError:  # an unhashable key (a list, a map): say which rule it breaks
+        for key, _ in pairs:
+            _check_key(key)
+        raise
+    for key in result:
+        if type(key) is not str:
+            _check_key(key)
     if len(result) != len(pairs):
         raise WireError("a map repeats a key")
     return result

@@ -28,14 +28,16 @@ from typing import Any
 
 import nacl.signing
 
-from hmnode.adverts import Advert, AdvertStore
+from hmnode import schema
+from hmnode.adverts import Advert, AdvertStore, make_advert
 from hmnode.env import Env
-from hmnode.gossip_node import (BROADCAST_TOPIC, MAX_SYNC_ADVERTS, MAX_SYNC_SUMMARY, CoreStalled, GossipConfig,
+from hmnode.gossip_node import (BROADCAST_TOPIC, MAX_SYNC_ADVERTS, MAX_SYNC_SUMMARY, META_ADVERT_SEQ, CoreStalled, GossipConfig,
                                 GossipNode, GossipObserver)
 from hmnode.identity import NodeId, NodeKey
 from hmnode.membership import Peer, PeerDead
+from hmnode.schema import KnownPeer
 
-from .clock import NodeClock, VirtualClock
+from .clock import EPOCH, NodeClock, VirtualClock
 from .network import NetParams, SimNetwork
 from .store import SimStore
 
@@ -74,6 +76,10 @@ class SimSettings:
     record_deliveries: bool = False
     # Look for convergence every check after heal (an O(nodes^2) scan until it is reached).
     watch_convergence: bool = True
+    # Start from disks as a converged mesh left them (every advert, some known peers), all
+    # nodes booting within the first seconds, rather than joining one by one.
+    warm_start: bool = False
+    warm_start_peers: int = 30
 
 
 class SignatureCache:
@@ -262,7 +268,7 @@ class _Node(GossipObserver):
     node's offset and drift), the shared seeded rng, the simulated network and a SimStore that
     survives crashes as far as it was synced."""
 
-    def __init__(self, sim: "_GossipSim", index: int, key: NodeKey, malicious: bool) -> None:
+    def __init__(self, sim: "GossipSim", index: int, key: NodeKey, malicious: bool) -> None:
         self.sim = sim
         self.index = index
         self.name = f"n{index:03d}"
@@ -400,7 +406,7 @@ class _Node(GossipObserver):
             self.sim.peer_dead(self, event.node_id)
 
 
-class _GossipSim:
+class GossipSim:
     """One run of the gossip scenario."""
 
     def __init__(self, nodes: int, seed: int, duration: float, settings: SimSettings) -> None:
@@ -623,13 +629,38 @@ class _GossipSim:
 
     # --- the run ----------------------------------------------------------------------------
 
+    def preload(self) -> None:
+        """Write every node's disk as a converged mesh leaves it: its advert sequence, every
+        node's advert (sequence 1), and a random sample of peers to rejoin through."""
+        s = self.settings
+        adverts = []
+        for node in self.nodes:
+            issued = EPOCH + node.clock_offset
+            advert = make_advert(node.key, 1, *node.describe(), None, issued, s.gossip.advert_ttl_s)
+            self.genuine.add((node.id.key, 1, advert.signature))
+            self.newest[node.id] = 1
+            adverts.append(advert)
+        for node in self.nodes:
+            peers = self.rng.sample([n for n in self.nodes if n is not node],
+                                    min(s.warm_start_peers, self.n - 1))
+
+            def write(tx: Any, peers: list[_Node] = peers) -> None:
+                tx.put(schema.META, META_ADVERT_SEQ, 1)
+                for advert in adverts:
+                    tx.put(schema.ADVERTS, advert.node_id.key, advert)
+                for peer in peers:
+                    tx.put(schema.PEERS, peer.id.key, KnownPeer(peer.peer.addr, EPOCH))
+            node.disk.write(write)
+
     def start(self) -> None:
         """Schedule the joins, faults, inventory changes, forgeries and checks."""
         s, clock = self.settings, self.clock
+        if s.warm_start:
+            self.preload()
         for node in self.nodes:
             def start(node: _Node = node) -> None:
                 node.boot()
-                if node.index > 0:
+                if node.index > 0 and not s.warm_start:
                     node.join(self.nodes[self.rng.randrange(node.index)].peer)
             clock.call_at(node.index * s.join_every_s, start)
         if s.faults:
@@ -695,4 +726,4 @@ def run(nodes: int, seed: int, duration: float = 90.0,
         settings: SimSettings = SimSettings()) -> Result:
     """Run the gossip scenario with `nodes` nodes for `duration` virtual seconds; the seed
     fixes every key, fault and random choice, so the same arguments give the same trace."""
-    return _GossipSim(nodes, seed, duration, settings).run()
+    return GossipSim(nodes, seed, duration, settings).run()
