@@ -43,3 +43,20 @@ def test_transport_bench_measures_ours_beside_stock_aioquic() -> None:
         assert figures[prefix + "handshake_ms_p50"] <= figures[prefix + "handshake_ms_p99"]
         assert 0 < figures[prefix + "datagrams_delivered"] <= 1
     assert any("stock aioquic" in line for line in transport.report(figures))
+
+
+def test_sim_gossip_bench_gives_the_issue_keys_through_the_cli() -> None:
+    """A small mesh through the command: every key the issue names, and the floors that hold
+    at any size (everything delivered, few duplicates, no running node declared dead)."""
+    result = hmnode("simnet", "bench", "sim-gossip", "--nodes", "40", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("nodes", "delivery_ratio", "hops_p99", "dissemination_ms_p99",
+                "duplicates_per_msg", "failure_detect_s_p99", "false_positive_deaths", "wall_s"):
+        assert key in figures, key
+    assert figures["nodes"] == 40 and figures["ok"] is True
+    assert figures["delivery_ratio"] == 1.0
+    assert figures["duplicates_per_msg"] <= 2
+    assert figures["detected"] == figures["crashes"] and figures["failure_detect_s_p99"] > 0
+    assert figures["false_positive_deaths"] == 0
+    assert "ratio" in result.stderr

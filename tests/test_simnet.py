@@ -129,7 +129,9 @@ def test_ten_nodes_converge_and_a_crashed_node_is_detected_and_rejoins(mesh_dir:
     wait_until(lambda: (_call(mesh, victim.name, "mesh_stats")["active"] or 0) > 0,
            f"{victim.name} to rejoin through its stored peers", DETECT_S)
     assert mesh.wait_converged(CONVERGE_S)
-    # Its fresh advert (a higher sequence) reaches every node: it rejoined, not just restarted.
+    # A restart with nothing changed keeps its advert (peers hold it already); a new one it
+    # makes now reaches every node: it rejoined, not just restarted.
+    assert _call(mesh, victim.name, "advertise")["seq"] > old_seq
     wait_until(lambda: all(next(ad["seq"] for ad in _call(mesh, name, "adverts")
                             if ad["node_id"] == victim.node_id) > old_seq for name in others),
            f"{victim.name}'s new advert to reach every node", SPREAD_S)
