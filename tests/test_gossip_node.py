@@ -31,8 +31,10 @@ def _key(rng: Random) -> NodeKey:
 class _Host(GossipObserver):
     """One node on the simulated network, as the simulator wires it, with what it saw."""
 
-    def __init__(self, world: "_World", index: int, disk: SimStore | None = None) -> None:
+    def __init__(self, world: "_World", index: int, disk: SimStore | None = None,
+                 anti_entropy_s: float = 1.0) -> None:
         self.world = world
+        self.anti_entropy_s = anti_entropy_s
         self.key = _key(world.rng)
         self.id = self.key.node_id
         self.peer = Peer(self.id, f"10.0.0.{index + 1}:7000")
@@ -47,7 +49,7 @@ class _Host(GossipObserver):
     def boot(self) -> GossipNode:
         env = Env(NodeClock(self.world.clock), self.world.rng, self, self.disk)
         node = GossipNode(self.key, self.peer.addr, env, lambda: ([self.peer.addr], self.inventory),
-                          GossipConfig(anti_entropy_s=1.0), self)
+                          GossipConfig(anti_entropy_s=self.anti_entropy_s), self)
         node.start()
         self.node = node
         return node
@@ -79,8 +81,8 @@ class _World:
         self.net = SimNetwork(self.clock, self.rng, NetParams())
         self.hosts: dict[NodeId, _Host] = {}
 
-    def host(self, disk: SimStore | None = None) -> _Host:
-        host = _Host(self, len(self.hosts), disk)
+    def host(self, disk: SimStore | None = None, anti_entropy_s: float = 1.0) -> _Host:
+        host = _Host(self, len(self.hosts), disk, anti_entropy_s)
         self.hosts[host.id] = host
         return host
 
@@ -158,18 +160,24 @@ def test_sim_store_commits_are_atomic_and_a_crash_drops_only_the_unsynced() -> N
 # --- gossip ---------------------------------------------------------------------------------
 
 def test_an_advert_made_before_any_neighbour_goes_down_the_tree_at_the_first() -> None:
+    # Anti-entropy is slowed to a crawl here, so only the broadcast can spread the adverts in
+    # time. A node advertises before its join completes; broadcast then, its advert would reach
+    # nobody and spread a hop per few anti-entropy rounds (found at 1000 simulated nodes).
     world = _World()
-    a, b = world.host(), world.host()
-    world.clock.run_until(1.0)  # both advertised while alone
-    assert a.node.own is not None and b.node.own is not None
-    b.node.join(a.peer)
-    world.clock.run_until(3.0)
-    vias = {via for advert, via, _ in a.taken if advert.node_id == b.id}
-    assert "gossip" in vias or "sync" in vias
-    c = world.host()
-    c.node.join(a.peer)
-    world.clock.run_until(6.0)
-    assert {adv.node_id for adv, _, _ in c.taken} >= {a.id, b.id, c.id}
+    hosts = [world.host(anti_entropy_s=600.0) for _ in range(6)]
+    for host in hosts[1:]:
+        host.node.join(hosts[0].peer)
+        world.clock.run_until(world.clock.now + 0.5)
+    world.clock.run_until(10.0)
+    late = world.host(anti_entropy_s=600.0)
+    world.clock.run_until(11.0)
+    assert late.node.own is not None  # advertised alone
+    late.node.join(hosts[-1].peer)
+    world.clock.run_until(13.0)
+    for host in hosts:
+        assert {a.node_id for a in host.node.adverts.all()} == {h.id for h in [*hosts, late]}
+    assert any(via == "gossip" for host in hosts for adv, via, _ in host.taken
+               if adv.node_id == late.id)
 
 
 def test_anti_entropy_sends_only_what_the_peer_lacks() -> None:

@@ -158,3 +158,17 @@ def test_cli_swarm_json() -> None:
 def test_cli_refuses_bad_seed_arguments(args: list[str]) -> None:
     proc = _cli("--nodes", "4", "--duration", "5", *args)
     assert proc.returncode == 2
+
+
+def test_trace_does_not_depend_on_the_interpreter_hash_seed() -> None:
+    # Set and dict order over node ids follows Python's per-process string/bytes hash seed; a
+    # trace that depended on it could not be replayed from the printed command.
+    hashes = set()
+    for hash_seed in ("1", "2"):
+        proc = subprocess.run([sys.executable, "-m", "hmnode", "simnet", "sim", "--nodes", "12",
+                               "--seed", "9", "--duration", "45", "--json"],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert proc.returncode == 0, proc.stderr
+        hashes.add(json.loads(proc.stdout.strip().splitlines()[-1])["trace_hash"])
+    assert len(hashes) == 1
