@@ -27,9 +27,9 @@ from aioquic.quic.connection import QuicConnection
 from hmnode.errors import HmnodeError
 from hmnode.identity import NodeId
 from hmnode.transport import certs
-from hmnode.transport.quic import peer_certificate, unacked_stream_bytes
+from hmnode.transport.quic import authenticated_peer, unacked_stream_bytes
 from hmnode.transport.wire import (
-    ALPN, BulkHeader, ErrorCode, ErrorResponse, FrameReader, Notify, Request, Response,
+    BulkHeader, ErrorCode, ErrorResponse, FrameReader, Notify, Request, Response,
     WireError, decode_datagram, encode_datagram, frame,
 )
 
@@ -218,12 +218,7 @@ class PeerConnection:
 
     def _on_handshake(self, event: events.HandshakeCompleted) -> None:
         try:
-            if event.alpn_protocol != ALPN:
-                raise certs.PeerAuthenticationError(f"peer speaks {event.alpn_protocol!r}, not {ALPN}")
-            peer_id = certs.node_id_of(peer_certificate(self.quic))
-            if self.expected is not None and peer_id != self.expected:
-                raise certs.PeerAuthenticationError(
-                    f"dialled {self.expected} but the peer is {peer_id}")
+            peer_id = authenticated_peer(self.quic, event.alpn_protocol, self.expected)
         except certs.PeerAuthenticationError as exc:
             log.warning("refusing connection from %s:%d: %s", *self.addr, exc)
             self.close(ErrorCode.AUTH_FAILED, str(exc))

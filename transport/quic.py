@@ -15,7 +15,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 
-from hmnode.identity import NodeKey
+from hmnode.identity import NodeId, NodeKey
 from hmnode.transport import certs
 from hmnode.transport.wire import ALPN, MAX_DATAGRAM_BYTES
 
@@ -73,6 +73,18 @@ def peer_certificate(connection: QuicConnection) -> x509.Certificate | None:
     """The certificate the peer presented in the handshake, or None."""
     tls = getattr(connection, "tls", None)
     return None if tls is None else tls._peer_certificate
+
+
+def authenticated_peer(connection: QuicConnection, alpn_protocol: str | None,
+                       expected: NodeId | None) -> NodeId:
+    """The node a completed handshake authenticated: our ALPN, a self-signed Ed25519
+    certificate, and the node dialled if one was; raises PeerAuthenticationError otherwise."""
+    if alpn_protocol != ALPN:
+        raise certs.PeerAuthenticationError(f"peer speaks {alpn_protocol!r}, not {ALPN}")
+    peer_id = certs.node_id_of(peer_certificate(connection))
+    if expected is not None and peer_id != expected:
+        raise certs.PeerAuthenticationError(f"dialled {expected} but the peer is {peer_id}")
+    return peer_id
 
 
 def unacked_stream_bytes(connection: QuicConnection, stream_id: int) -> int:

@@ -71,8 +71,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, x448, x25519
 
 from hmnode.identity import NodeId, NodeKey
 from hmnode.transport import certs
-from hmnode.transport.quic import MutualQuicConnection, QuicTuning, make_configuration, peer_certificate
-from hmnode.transport.wire import ALPN, ErrorCode
+from hmnode.transport.quic import (MutualQuicConnection, QuicTuning, authenticated_peer,
+                                   make_configuration)
+from hmnode.transport.wire import ErrorCode
 
 from .nat import Addr, Nat
 from .udp import UdpNetwork
@@ -375,15 +376,9 @@ class SimQuicEndpoint:
             self.counters["terminated"] += 1
 
     def _authenticate(self, conn: SimConnection, event: events.HandshakeCompleted) -> None:
-        # The same checks as transport/connection.py: ALPN, a self-signed Ed25519 certificate,
-        # and the dialled node id.
+        # The same checks as transport/connection.py.
         try:
-            if event.alpn_protocol != ALPN:
-                raise certs.PeerAuthenticationError(f"peer speaks {event.alpn_protocol!r}, not {ALPN}")
-            peer_id = certs.node_id_of(peer_certificate(conn.quic))
-            if conn.expected_peer is not None and peer_id != conn.expected_peer:
-                raise certs.PeerAuthenticationError(
-                    f"dialled {conn.expected_peer} but the peer is {peer_id}")
+            peer_id = authenticated_peer(conn.quic, event.alpn_protocol, conn.expected_peer)
         except certs.PeerAuthenticationError as exc:
             self.counters["auth-failed"] += 1
             conn.quic.close(error_code=int(ErrorCode.AUTH_FAILED), reason_phrase=str(exc))
