@@ -220,12 +220,7 @@ class AdvertStore:
     def differing(self, digest: list[bytes]) -> list[Advert]:
         """The adverts in every bucket whose hash differs from the peer's `digest`: a superset of
         what the peer lacks (it ignores the ones it already has)."""
-        mine = self.digest()
-        out = []
-        for i in range(DIGEST_BUCKETS):
-            if i >= len(digest) or digest[i] != mine[i]:
-                out.extend(self._adverts[NodeId(key)] for key in sorted(self._buckets[i]))
-        return out
+        return [self._adverts[NodeId(key)] for key, _ in self.differing_summary(digest)]
 
 
 def _is_int(value: Any) -> bool:

@@ -68,6 +68,9 @@ class GossipConfig:
     # empty node and replacing it a moment later.
     first_advert_wait_s: float = 5.0
     persist_s: float = 10.0
+    # How often a driver looks whether the node has lost every neighbour and must join again
+    # through a contact (a bootstrap peer).
+    rejoin_check_s: float = 10.0
     membership: MembershipConfig = MembershipConfig()
     broadcast: BroadcastConfig = BroadcastConfig()
 
@@ -111,10 +114,8 @@ class GossipNode:
         self.broadcast = Broadcast(self.me, env.rng, validate=self._valid_advert,
                                    config=config.broadcast)
         self.own: Advert | None = None
-        self._own_content: tuple | None = None
         # Whether the newest own advert waits for a first neighbour to be broadcast to.
         self._own_unsent = False
-        self._next_advert = 0.0
         self._first_advert_by = 0.0
         self._addr_of: dict[NodeId, str] = {}
         self._unsaved: set[NodeId] = set()
@@ -141,8 +142,6 @@ class GossipNode:
                 # A restart does not re-advertise what peers already hold: only a change, or
                 # the refresh when it falls due.
                 self.own = advert
-                self._own_content = (tuple(advert.addresses), _freeze(advert.inventory))
-                self._next_advert = advert.issued_at + self.config.advert_refresh_s
             self.observer.advert_taken(advert, "disk", None, now)
         known = [Peer(NodeId(k), p.addr) for k, p in peers if NodeId(k) != self.me]
         for peer in known:
@@ -213,21 +212,19 @@ class GossipNode:
         now = self.env.clock.now()
         addresses, inventory = self.describe()
 
-        def next_seq(tx: Txn) -> int:
+        def write(tx: Txn) -> Advert:
             seq = tx.get(schema.META, META_ADVERT_SEQ, 0) + 1
+            advert = make_advert(self.key, seq, addresses, inventory, None, now,
+                                 self.config.advert_ttl_s)
             tx.put(schema.META, META_ADVERT_SEQ, seq)
-            return seq
+            tx.put(schema.ADVERTS, self.me.key, advert)
+            return advert
 
-        storage = self.env.storage
-        seq = storage.write(next_seq)
-        advert = make_advert(self.key, seq, addresses, inventory, None, now, self.config.advert_ttl_s)
-        storage.write(lambda tx: tx.put(schema.ADVERTS, self.me.key, advert))
+        advert = self.env.storage.write(write)
         # Persist before send: a node that crashed after sending seq N and came back with N-1
         # would sign a different advert N, which every peer refuses as not newer.
-        storage.sync()
+        self.env.storage.sync()
         self.own = advert
-        self._own_content = (tuple(addresses), _freeze(inventory))
-        self._next_advert = now + self.config.advert_refresh_s
         self.adverts.offer(advert, now)
         self.observer.advert_taken(advert, "own", None, now)
         if self.membership.active:
@@ -315,10 +312,12 @@ class GossipNode:
     def _refresh_advert(self) -> None:
         now = self.env.clock.now()
         addresses, inventory = self.describe()
-        content = (tuple(addresses), _freeze(inventory))
-        ready = self._own_content is not None or bool(inventory) or now >= self._first_advert_by
-        changed = self._own_content is not None and self._own_content != content
-        if ready and (now >= self._next_advert or changed):
+        own = self.own
+        if own is None:
+            if inventory or now >= self._first_advert_by:
+                self.publish()
+        elif (now >= own.issued_at + self.config.advert_refresh_s
+              or _content(own.addresses, own.inventory) != _content(addresses, inventory)):
             self.publish()
 
     # --- adverts ----------------------------------------------------------------------------
@@ -467,6 +466,11 @@ class GossipNode:
         """Counters of the broadcast core and sizes of what is held."""
         return {"broadcast": dataclasses.asdict(self.broadcast.stats), "adverts": len(self.adverts),
                 "active": len(self.membership.active), "passive": len(self.membership.passive)}
+
+
+def _content(addresses: Any, inventory: Any) -> tuple:
+    """What an advert says, comparable whether it came from `describe` or back from disk."""
+    return (tuple(addresses), _freeze(inventory))
 
 
 def _freeze(value: Any) -> Any:

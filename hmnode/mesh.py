@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 MAX_QUEUED_PER_PEER = 256
 DIAL_TIMEOUT_S = 5.0
-BOOTSTRAP_CHECK_S = 10.0
 BOOTSTRAP_BACKOFF = Backoff(base_s=1.0, cap_s=60.0)
 
 
@@ -117,7 +116,7 @@ class Mesh(GossipObserver):
                     log.warning("cannot join through bootstrap peer %s: %s", peer, exc)
                     failures += 1
             await asyncio.sleep(BOOTSTRAP_BACKOFF.delay(failures, self.rng) if failures
-                                else BOOTSTRAP_CHECK_S)
+                                else self.config.rejoin_check_s)
 
     async def run(self) -> None:
         """The mesh subsystem: the node runs on its own timers; this joins the bootstrap peers

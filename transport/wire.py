@@ -315,8 +315,9 @@ def encode_message(msg: Message) -> bytes:
 
 
 def _build_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    # Called by msgpack for each map as it completes, so keys are vetted before they are hashed
-    # and a repeated key (which would let two decoders read one map differently) is refused.
+    # Called by msgpack for each map as it completes: keys are vetted (an unhashable one before
+    # it is reported as a bare TypeError), and a repeated key, which would let two decoders
+    # read one map differently, is refused.
     try:
         result = dict(pairs)
     except TypeError:  # an unhashable key (a list, a map): say which rule it breaks

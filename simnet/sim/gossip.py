@@ -41,7 +41,6 @@ from .clock import EPOCH, NodeClock, VirtualClock
 from .network import NetParams, SimNetwork
 from .store import SimStore
 
-REJOIN_CHECK_S = 10.0
 CHECKERS = ("convergence", "no_forgery", "view_bounds", "bounded_queues", "no_crash")
 PARTITIONS = ("none", "isolate", "split", "bridge", "asym")
 CALM = NetParams()
@@ -310,7 +309,7 @@ class _Node(GossipObserver):
         else:
             sim.net.restart(self.id, self._on_frame, self._on_unreachable)
         self._guard(node.start)
-        self._every(REJOIN_CHECK_S, self._keep_joined)
+        self._every(s.gossip.rejoin_check_s, self._keep_joined)
 
     def crash(self) -> None:
         """Power loss: the process and its unsynced writes are gone; so is what is in flight."""

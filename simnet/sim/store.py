@@ -80,9 +80,6 @@ class SimStore:
         self.sync_on_commit = sync_on_commit
         self._durable: dict[str, dict[bytes, Any]] = {}
         self._unsynced: dict[str, dict[bytes, Any]] = {}
-        self.commits = 0
-        self.syncs = 0
-        self.lost_commits = 0
         self._pending_commits = 0
 
     def read(self, fn: Callable[[SimTxn], T]) -> T:
@@ -95,7 +92,6 @@ class SimStore:
         result = fn(txn)
         for table, rows in txn._writes.items():
             self._unsynced.setdefault(table, {}).update(rows)
-        self.commits += 1
         self._pending_commits += 1
         if self.sync_on_commit:
             self.sync()
@@ -111,13 +107,11 @@ class SimStore:
                 else:
                     target[key] = record
         self._unsynced.clear()
-        self.syncs += 1
         self._pending_commits = 0
 
     def crash(self) -> int:
         """Power loss: drop every commit not yet synced; returns how many were lost."""
         lost = self._pending_commits
-        self.lost_commits += lost
         self._unsynced.clear()
         self._pending_commits = 0
         return lost
