@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import click
 
+from hmnode.cli.options import json_option, print_json
 from hmnode import __version__, control
 from hmnode.agent import initialise, run_agent
 from hmnode.config import Config, PeerAddress, add_bootstrap, default_data_dir, load_config, write_config
@@ -40,16 +40,8 @@ def _data_dir_option(fn: Any) -> Any:
     )(fn)
 
 
-def _json_option(fn: Any) -> Any:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(fn)
-
-
 def _resolve(data_dir: Path | None) -> DataDir:
     return DataDir((data_dir or default_data_dir()).expanduser().absolute())
-
-
-def _print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
 @click.group(cls=HmnodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,7 +56,7 @@ main.add_command(simnet)
 @main.command()
 @_data_dir_option
 @click.option("--listen", metavar="HOST:PORT", help="UDP address to listen on (written to config.toml).")
-@_json_option
+@json_option
 def init(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
     """Create the node key, config.toml and store in the data dir (idempotent)."""
     dd = _resolve(data_dir)
@@ -77,7 +69,7 @@ def init(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
         key, store, done = initialise(dd, config)
         store.close()
     if as_json:
-        _print_json({"node_id": str(done.node_id), "data_dir": str(dd.path),
+        print_json({"node_id": str(done.node_id), "data_dir": str(dd.path),
                      "created_key": done.created_key, "created_config": done.created_config})
         return
     click.echo(f"node id   {done.node_id}")
@@ -132,7 +124,7 @@ def _parse_peers(texts: tuple[str, ...]) -> list[PeerAddress]:
 @main.command()
 @_data_dir_option
 @click.argument("peer", metavar="ID@HOST:PORT")
-@_json_option
+@json_option
 def join(data_dir: Path | None, peer: str, as_json: bool) -> None:
     """Record PEER as a bootstrap peer and, if the agent runs, join the mesh through it now.
 
@@ -157,7 +149,7 @@ def join(data_dir: Path | None, peer: str, as_json: bool) -> None:
         result["joined"] = False
         result["error"] = str(exc)
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         click.echo(f"recorded {parsed} in {dd.config_file}" if added
                    else f"{parsed} was already in {dd.config_file}")
@@ -173,26 +165,26 @@ def join(data_dir: Path | None, peer: str, as_json: bool) -> None:
 
 @main.command("id")
 @_data_dir_option
-@_json_option
+@json_option
 def id_(data_dir: Path | None, as_json: bool) -> None:
     """Print this node's id."""
     dd = _resolve(data_dir)
     node_id = load_key(dd.key_file).node_id
     if as_json:
-        _print_json({"node_id": str(node_id), "public_key_hex": node_id.key.hex()})
+        print_json({"node_id": str(node_id), "public_key_hex": node_id.key.hex()})
     else:
         click.echo(str(node_id))
 
 
 @main.command()
 @_data_dir_option
-@_json_option
+@json_option
 def status(data_dir: Path | None, as_json: bool) -> None:
     """Show the running agent's identity, version and uptime."""
     dd = _resolve(data_dir)
     info = control.call(dd.control_socket, "status")
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     click.echo(f"node id    {info['node_id']}")
     click.echo(f"version    {info['version']}")
@@ -205,13 +197,13 @@ def status(data_dir: Path | None, as_json: bool) -> None:
 
 @main.command()
 @_data_dir_option
-@_json_option
+@json_option
 def peers(data_dir: Path | None, as_json: bool) -> None:
     """List the peers this node is connected to, with address, RTT and bytes in and out."""
     dd = _resolve(data_dir)
     info = control.call(dd.control_socket, "peers")
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     for view in ("active", "passive"):
         members = info.get(view, [])
@@ -231,14 +223,14 @@ def peers(data_dir: Path | None, as_json: bool) -> None:
 @main.command()
 @_data_dir_option
 @click.option("--mesh", is_flag=True, help="List every advert this node knows, from the running agent.")
-@_json_option
+@json_option
 def assets(data_dir: Path | None, mesh: bool, as_json: bool) -> None:
     """Show the hardware this node could share (from the agent, or measured now if none runs)."""
     dd = _resolve(data_dir)
     if mesh:
         adverts = control.call(dd.control_socket, "adverts")
         if as_json:
-            _print_json(adverts)
+            print_json(adverts)
             return
         for ad in adverts:
             cpu = ad["inventory"].get("cpu", {})
@@ -254,7 +246,7 @@ def assets(data_dir: Path | None, mesh: bool, as_json: bool) -> None:
         inventory = collect_inventory(dd.path, time.time())
         source = "measured now (no agent running)"
     if as_json:
-        _print_json(inventory.to_dict())
+        print_json(inventory.to_dict())
         return
     click.echo(f"# {source}")
     for line in summary_lines(inventory):

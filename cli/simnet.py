@@ -13,6 +13,7 @@ from typing import IO, Any
 
 import click
 
+from hmnode.cli.options import json_option, print_json
 from hmnode.config import default_data_dir
 from hmnode.simnet.bench import BENCHMARKS
 from hmnode.simnet.local import LocalMesh, NodeStatus, NoMesh, StopOutcome, log_tail
@@ -35,10 +36,6 @@ def _dir_option(fn: Any) -> Any:
         "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
         help="Directory of the mesh: one data dir per node and simnet.json "
              "[default: hmnode-simnet beside the default data dir].")(fn)
-
-
-def _json_option(fn: Any) -> Any:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(fn)
 
 
 def _mesh(directory: Path | None) -> LocalMesh:
@@ -146,7 +143,7 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
               help="Seconds to wait for every node to know every advert.")
 @click.option("--foreground", is_flag=True,
               help="Stay attached after convergence; Ctrl-C or SIGTERM stops the mesh.")
-@_json_option
+@json_option
 def up(n: int, directory: Path | None, base_port: int, timeout: float, foreground: bool,
        as_json: bool) -> None:
     """Start N real nodes on loopback, joined into one mesh, and show them until every node knows
@@ -224,14 +221,14 @@ def up(n: int, directory: Path | None, base_port: int, timeout: float, foregroun
 
 @simnet.command(short_help="Show the mesh's nodes.")
 @_dir_option
-@_json_option
+@json_option
 def status(directory: Path | None, as_json: bool) -> None:
     """Show the mesh's nodes: pid, neighbours, adverts known and RSS (exit 3 if none runs)."""
     mesh = _mesh(directory)
     statuses = mesh.status()
     converged = mesh.converged(statuses)
     if as_json:
-        click.echo(json.dumps(_summary(mesh, statuses, converged), indent=2, sort_keys=True))
+        print_json(_summary(mesh, statuses, converged))
     else:
         _print_table(statuses, sys.stdout)
         alive = sum(s.alive for s in statuses)
@@ -257,15 +254,14 @@ def _report_down(outcomes: list[StopOutcome], out: IO[str]) -> None:
 @_dir_option
 @click.option("--timeout", type=click.FloatRange(0, 600), default=10.0, show_default=True,
               help="Seconds to wait after SIGTERM before SIGKILL.")
-@_json_option
+@json_option
 def down(directory: Path | None, timeout: float, as_json: bool) -> None:
     """Stop every node of the mesh (SIGTERM, then SIGKILL after --timeout); exit 1 if any did not
     stop cleanly."""
     mesh = _mesh(directory)
     outcomes = mesh.down(timeout)
     if as_json:
-        click.echo(json.dumps({"dir": str(mesh.dir), "nodes": [o.to_dict() for o in outcomes]},
-                              indent=2, sort_keys=True))
+        print_json({"dir": str(mesh.dir), "nodes": [o.to_dict() for o in outcomes]})
     else:
         _report_down(outcomes, sys.stdout)
     if any(o.outcome in ("killed", "unclean") for o in outcomes):

@@ -28,7 +28,7 @@ API_VERSION = 1
 MAX_FRAME = 4 << 20
 _HEADER = struct.Struct(">I")
 # sun_path holds 108 bytes on Linux, including the terminating NUL.
-_MAX_SOCKET_PATH = 107
+MAX_SOCKET_PATH = 107
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 
@@ -61,9 +61,9 @@ def decode_body(body: bytes) -> dict[str, Any]:
 
 
 def _check_path(path: Path) -> None:
-    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise UsageError(
-            f"control socket path {path} is longer than {_MAX_SOCKET_PATH} bytes, "
+            f"control socket path {path} is longer than {MAX_SOCKET_PATH} bytes, "
             "which Unix sockets cannot use; choose a shorter --data-dir"
         )
 

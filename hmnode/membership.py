@@ -134,9 +134,12 @@ import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from hmnode.identity import NodeId
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 ALIVE = "alive"
 SUSPECT = "suspect"
@@ -415,10 +418,7 @@ class Membership:
         _check_peer(contact)
         self._start(now)
         if contact.node_id != self.me.node_id:
-            self._contacts.pop(contact.node_id, None)
-            self._contacts[contact.node_id] = contact
-            while len(self._contacts) > MAX_CONTACTS:
-                del self._contacts[next(iter(self._contacts))]
+            _put_newest(self._contacts, contact.node_id, contact, MAX_CONTACTS)
             if contact.node_id not in self._active:  # a neighbour already: nothing to ask
                 self._send_join(contact, now)
         self._check_invariants()
@@ -640,10 +640,8 @@ class Membership:
         return out
 
     def _queue_gossip(self, node_id: NodeId, state: str, incarnation: int) -> None:
-        self._gossip.pop(node_id, None)  # a newer update replaces the old one, at the back
-        self._gossip[node_id] = _Gossip(state, incarnation)
-        while len(self._gossip) > MAX_GOSSIP_QUEUE:
-            del self._gossip[next(iter(self._gossip))]
+        # A newer update replaces the old one, at the back.
+        _put_newest(self._gossip, node_id, _Gossip(state, incarnation), MAX_GOSSIP_QUEUE)
 
     # --- members, suspicion, refutation -----------------------------------------------------
 
@@ -755,7 +753,7 @@ class Membership:
         if not self._graveyard:
             return
         grave = self._graveyard[self.rng.choice(sorted(self._graveyard))]
-        self._seq = self._seq + 1 if self._seq < MAX_SEQ else 1
+        self._next_seq()
         self._send(grave.peer, {"k": "ping", "seq": self._seq})
 
     def _apply_update(self, sender: Peer, state: str, node_id: NodeId, incarnation: int,
@@ -830,10 +828,8 @@ class Membership:
         was = member.state if member is not None else UNKNOWN
         peer = self._known_peer(node_id)
         if peer is not None:
-            self._graveyard.pop(node_id, None)
-            self._graveyard[node_id] = _Grave(peer, now, node_id in self._active)
-            while len(self._graveyard) > MAX_GRAVEYARD:
-                del self._graveyard[next(iter(self._graveyard))]
+            _put_newest(self._graveyard, node_id, _Grave(peer, now, node_id in self._active),
+                        MAX_GRAVEYARD)
         self._set_member(node_id, _Member(DEAD, incarnation))
         self._suspicions.pop(node_id, None)
         self._conn_failed.pop(node_id, None)
@@ -1015,11 +1011,12 @@ class Membership:
         # Departed neighbours are skipped lazily; with churn they are dropped here, so the
         # round stays about as long as the active view.
         if len(self._probe_order) > 2 * self.config.active_size:
-            seen: dict[NodeId, None] = {}
-            for node_id in self._probe_order:
-                if node_id in self._active:
-                    seen.setdefault(node_id, None)
-            self._probe_order = list(seen)
+            self._probe_order = list(dict.fromkeys(
+                n for n in self._probe_order if n in self._active))
+
+    def _next_seq(self) -> None:
+        """Take the next ping sequence number (wrapping within what the wire allows)."""
+        self._seq = self._seq + 1 if self._seq < MAX_SEQ else 1
 
     def _drive_probe(self, now: float) -> None:
         probe = self._probe
@@ -1040,7 +1037,7 @@ class Membership:
             node_id = self._probe_order.pop(0)
             if node_id in self._active:
                 break
-        self._seq = self._seq + 1 if self._seq < MAX_SEQ else 1
+        self._next_seq()
         scale = self._scale()
         target = self._active[node_id]
         self._probe = _Probe(target, self._seq, now, now + self.config.probe_timeout_s * scale,
@@ -1252,7 +1249,7 @@ class Membership:
             return
         if len(self._relays) >= MAX_RELAYS:
             return  # overloaded: the requester sees a missing NACK, as it should
-        self._seq = self._seq + 1 if self._seq < MAX_SEQ else 1
+        self._next_seq()
         cfg = self.config
         window = cfg.probe_interval_s - cfg.probe_timeout_s
         self._relays[self._seq] = _Relay(sender, f["seq"], target_id, now + NACK_FRACTION * window,
@@ -1418,3 +1415,12 @@ def _parse(message: Any) -> tuple[str, dict[str, Any], list[tuple[str, NodeId, i
         fields[name] = check(kind, name, message[name])
     gossip = _gossip(kind, message["g"]) if "g" in message else []
     return kind, fields, gossip
+
+
+def _put_newest(table: dict[K, V], key: K, value: V, bound: int) -> None:
+    """Put `key` at the back of an insertion-ordered `table` (moving it if present), dropping the
+    oldest entries past `bound`."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > bound:
+        del table[next(iter(table))]

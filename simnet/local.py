@@ -40,8 +40,6 @@ STATE_FILE = "simnet.json"
 LOG_FILE = "agent.log"
 HOST = "127.0.0.1"
 MAX_NODES = 250 * 256
-# sun_path holds 108 bytes on Linux, including the terminating NUL.
-MAX_SOCKET_PATH = 107
 STATE_FORMAT = 1
 # A first start creates a key, a config and an LMDB store; on a small machine starting many
 # Python processes at once, that takes a while for each.
@@ -207,6 +205,10 @@ class LocalMesh:
             os.fsync(fh.fileno())
         os.replace(tmp, self.state_file)
 
+    def call(self, name: str, method: str, timeout: float = CALL_TIMEOUT_S) -> Any:
+        """Call `method` on node `name`'s control socket."""
+        return control.call(self.data_dir(name).control_socket, method, timeout=timeout)
+
     def _replace_record(self, new: NodeRecord) -> None:
         self._write_records([new if rec.name == new.name else rec for rec in self.records()])
 
@@ -280,7 +282,7 @@ class LocalMesh:
                     f"{name} exited with code {proc.returncode} before it was ready; its log "
                     f"{self.log_file(name)} says why:\n{log_tail(self.log_file(name))}")
             try:
-                info = control.call(sock_path, "status", timeout=CALL_TIMEOUT_S)
+                info = self.call(name, "status")
                 if info.get("pid") == proc.pid:
                     break
             except HmnodeError:
@@ -311,9 +313,9 @@ class LocalMesh:
         self._refuse_if_running()
         # A socket path that is too long fails every node identically; say so once, up front.
         longest = self.data_dir(node_name(n - 1)).control_socket
-        if len(os.fsencode(longest)) > MAX_SOCKET_PATH:
+        if len(os.fsencode(longest)) > control.MAX_SOCKET_PATH:
             raise UsageError(f"the control socket path {longest} is longer than the "
-                             f"{MAX_SOCKET_PATH} bytes Unix sockets allow; give a shorter --dir")
+                             f"{control.MAX_SOCKET_PATH} bytes Unix sockets allow; give a shorter --dir")
         progress(f"starting {n} node{'s' if n > 1 else ''} in {self.dir}")
         self.dir.mkdir(parents=True, exist_ok=True)
         self._remove_old_node_dirs()
@@ -405,10 +407,9 @@ class LocalMesh:
             rss: int | None = proc.memory_info().rss
         except psutil.Error:
             rss = None
-        sock_path = self.data_dir(rec.name).control_socket
         try:
-            stats = control.call(sock_path, "mesh_stats", timeout=CALL_TIMEOUT_S)
-            adverts = control.call(sock_path, "adverts", timeout=CALL_TIMEOUT_S)
+            stats = self.call(rec.name, "mesh_stats")
+            adverts = self.call(rec.name, "adverts")
         except HmnodeError as exc:
             return replace(base, rss_bytes=rss, error=str(exc))
         known = {ad["node_id"] for ad in adverts}
@@ -449,9 +450,9 @@ class LocalMesh:
                     proc.send_signal(signal.SIGTERM)
                 except psutil.NoSuchProcess:
                     pass
-        live = {rec.name: rec for rec in records if procs[rec.name] is not None}
-        exited = self._wait_gone(live.values(), timeout)
+        exited = self._wait_gone([rec for rec in records if procs[rec.name] is not None], timeout)
         outcomes: list[StopOutcome] = []
+        killed: list[NodeRecord] = []
         for rec in records:
             if procs[rec.name] is None:
                 outcomes.append(StopOutcome(rec.name, rec.pid, "not running"))
@@ -462,8 +463,7 @@ class LocalMesh:
                 self._signal_checked(rec, signal.SIGKILL)
                 outcomes.append(StopOutcome(rec.name, rec.pid, "killed",
                                             f"still running {timeout:g} s after SIGTERM"))
-        killed = [rec for rec in records if any(o.name == rec.name and o.outcome == "killed"
-                                                for o in outcomes)]
+                killed.append(rec)
         self._wait_gone(killed, 5.0)
         self.state_file.unlink(missing_ok=True)
         return outcomes

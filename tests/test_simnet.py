@@ -12,7 +12,6 @@ import psutil
 import pytest
 
 from conftest import hmnode, wait_until
-from hmnode import control
 from hmnode.simnet.bench import gossip
 from hmnode.simnet.local import LocalMesh, NodeRecord
 
@@ -32,7 +31,7 @@ def _gone(pid: int) -> bool:
 
 
 def _call(mesh: LocalMesh, name: str, method: str) -> Any:
-    return control.call(mesh.data_dir(name).control_socket, method, timeout=5.0)
+    return mesh.call(name, method, timeout=5.0)
 
 
 @pytest.fixture

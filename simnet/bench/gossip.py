@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,8 +27,8 @@ from typing import Any
 
 import psutil
 
-from hmnode import control
 from hmnode.errors import HmnodeError
+from hmnode.simnet.bench.startup import bare_python_rss
 from hmnode.simnet.local import LocalMesh, NodeRecord
 
 ADVERTS = 50
@@ -70,8 +68,7 @@ def _call_all(mesh: LocalMesh, records: list[NodeRecord], method: str) -> dict[s
     """Call `method` on every node at once; name -> answer (nodes that fail are left out)."""
     def one(rec: NodeRecord) -> tuple[str, Any]:
         try:
-            return rec.name, control.call(mesh.data_dir(rec.name).control_socket, method,
-                                          timeout=CALL_TIMEOUT_S)
+            return rec.name, mesh.call(rec.name, method, timeout=CALL_TIMEOUT_S)
         except HmnodeError:
             return rec.name, None
 
@@ -79,10 +76,11 @@ def _call_all(mesh: LocalMesh, records: list[NodeRecord], method: str) -> dict[s
         return {name: answer for name, answer in pool.map(one, records) if answer is not None}
 
 
-def _collect(mesh: LocalMesh, records: list[NodeRecord], pending: list[_Advert]) -> None:
-    """Record, for every pending advert, the nodes it has reached since the last look."""
+def _collect(mesh: LocalMesh, records: list[NodeRecord], pending: list[_Advert]) -> list[_Advert]:
+    """Record, for every pending advert, the nodes it has reached since the last look; the
+    adverts that have not yet reached every other node."""
     if not pending:
-        return
+        return pending
     for name, adverts in _call_all(mesh, records, "adverts").items():
         held = {ad["node_id"]: ad for ad in adverts}
         for advert in pending:
@@ -93,17 +91,7 @@ def _collect(mesh: LocalMesh, records: list[NodeRecord], pending: list[_Advert])
             # supersession (the node's own periodic refresh) can only make the figure worse.
             if ad is not None and ad["seq"] >= advert.seq and ad.get("received_at") is not None:
                 advert.arrived[name] = ad["received_at"] - advert.issued_at
-
-
-def _baseline_rss() -> int:
-    """RSS of a bare Python interpreter idling, in bytes."""
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        time.sleep(0.5)
-        return psutil.Process(idle.pid).memory_info().rss
-    finally:
-        idle.kill()
-        idle.wait()
+    return [a for a in pending if len(a.arrived) < len(records) - 1]
 
 
 def _one_run(nodes: int, adverts: int, idle_s: float, rng: random.Random,
@@ -143,16 +131,14 @@ def _one_run(nodes: int, adverts: int, idle_s: float, rng: random.Random,
                 waited_until = time.monotonic() + DELIVERY_WAIT_S
                 while len(busy) == len(records) and time.monotonic() < waited_until:
                     time.sleep(0.05)
-                    _collect(mesh, records, pending)
-                    pending = [a for a in pending if len(a.arrived) < nodes - 1]
+                    pending = _collect(mesh, records, pending)
                     busy = {a.origin for a in pending}
                 if len(busy) == len(records):
                     # Every node still has one on its way; give up on the oldest.
                     busy.discard(pending.pop(0).origin)
                 origin = rng.choice([rec.name for rec in records if rec.name not in busy])
                 t0 = time.monotonic()
-                answer = control.call(mesh.data_dir(origin).control_socket, "advertise",
-                                      timeout=CALL_TIMEOUT_S)
+                answer = mesh.call(origin, "advertise", timeout=CALL_TIMEOUT_S)
                 call_s.append(time.monotonic() - t0)
                 advert = _Advert(origin, ids[origin], int(answer["seq"]), float(answer["issued_at"]))
                 sent.append(advert)
@@ -165,8 +151,7 @@ def _one_run(nodes: int, adverts: int, idle_s: float, rng: random.Random,
             deadline = time.monotonic() + DELIVERY_WAIT_S
             while pending and time.monotonic() < deadline:
                 time.sleep(0.2)
-                _collect(mesh, records, pending)
-                pending = [a for a in pending if len(a.arrived) < nodes - 1]
+                pending = _collect(mesh, records, pending)
             after = _call_all(mesh, records, "mesh_stats")
             peers = _call_all(mesh, records, "peers")
         finally:
@@ -205,7 +190,7 @@ def run(runs: int = DEFAULT_RUNS, progress: Callable[[int], None] = lambda n: No
         raise BenchError(f"dissemination needs at least 2 nodes, not {nodes}")
     rng = random.Random(seed)
     results = [_one_run(nodes, adverts, idle_s, rng, progress) for _ in range(runs)]
-    base_rss = _baseline_rss()
+    base_rss = bare_python_rss()
     times_ms = [t * 1000 for r in results for t in r["dissemination_s"]]
     rtts = [v for r in results for v in r["rtt_ms"]]
     calls_ms = [t * 1000 for r in results for t in r["call_s"]]

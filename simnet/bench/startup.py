@@ -69,14 +69,18 @@ def _baseline_once() -> tuple[float, int]:
     started = time.monotonic()
     subprocess.run([sys.executable, "-c", "pass"], check=True)
     elapsed = time.monotonic() - started
+    return elapsed, bare_python_rss()
+
+
+def bare_python_rss() -> int:
+    """RSS of a bare Python interpreter idling, in bytes (a baseline for a node's RSS)."""
     idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         time.sleep(0.5)
-        rss = psutil.Process(idle.pid).memory_info().rss
+        return psutil.Process(idle.pid).memory_info().rss
     finally:
         idle.kill()
         idle.wait()
-    return elapsed, rss
 
 
 def run(runs: int = 5, progress: Callable[[int], None] = lambda n: None) -> dict[str, Any]:
