@@ -171,6 +171,22 @@ def test_a_filter_permission_expires_with_its_remote_silence() -> None:
     assert n.bindings(14.5)[0].permits == (R2,)
 
 
+def test_a_binding_that_talks_to_many_remotes_sweeps_only_expired_permissions() -> None:
+    # One remote a second for 150 s with a 100 s timeout: past 64 permissions the binding sweeps
+    # the expired ones, and the filter still admits exactly the remotes heard from in time.
+    n = nat(PORT_RESTRICTED_CONE, binding_timeout_s=100.0)
+    remotes: list[Addr] = [(f"192.0.2.{i}", 4433) for i in range(150)]
+    ext = n.outbound(A, remotes[0], 0.0)
+    for t, remote in enumerate(remotes[1:], start=1):
+        assert n.outbound(A, remote, float(t)) == ext
+    assert n.inbound(ext, remotes[-1], 149.5) == A
+    assert n.inbound(ext, remotes[60], 149.5) == A
+    assert n.inbound(ext, remotes[10], 149.5) is None
+    # The last sweep (at t=149) dropped every remote last sent to at t=49 or before.
+    [binding] = n.bindings()
+    assert sorted(binding.permits) == sorted(remotes[50:])
+
+
 def test_expire_and_bindings_report_the_table() -> None:
     n = nat(SYMMETRIC, binding_timeout_s=10.0)
     n.outbound(A, R1, 0.0)

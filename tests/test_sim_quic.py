@@ -16,6 +16,7 @@ from pathlib import Path
 import aioquic.tls
 import nacl.signing
 from aioquic.quic import events
+from cryptography.hazmat.primitives.asymmetric import ec, x448, x25519
 
 from hmnode.identity import NodeKey
 from hmnode.simnet.sim.clock import VirtualClock
@@ -71,17 +72,28 @@ def _echo_back(server: SimQuicEndpoint) -> Callable[[SimConnection, events.QuicE
     return on_event
 
 
+def _connected(w: World, profile: NatProfile, *, echo: bool = False, accept: bool = False,
+               limit_s: float = 5.0) -> tuple[SimQuicEndpoint, SimQuicEndpoint, SimConnection, Nat]:
+    """A public server (echoing requests back reversed if `echo`) and a client behind a NAT of
+    `profile` (accepting connections if `accept`) that has dialled it and authenticated it within
+    `limit_s`; returns the server, the client, the client's connection and the NAT."""
+    server = w.endpoint(SERVER)
+    if echo:
+        server.on_event = _echo_back(server)
+    nat = w.nat(NAT_IP, profile)
+    client = w.endpoint(CLIENT, nat=nat, accept=accept)
+    conn = client.connect(SERVER, expect=server.node_id)
+    assert w.run_until(lambda: conn.established, limit_s), "handshake did not complete"
+    return server, client, conn, nat
+
+
 def transfer_scenario(seed: int, seed_entropy: bool = True, size: int = 200_000,
                       params: UdpParams = LOSSY) -> tuple[World, SimConnection, SimConnection, bytes]:
     """A client behind a port-restricted NAT uploads `size` bytes to a public server over a lossy,
     reordering path and gets them back reversed; returns the world, both connections and the
     payload."""
     w = World(seed, params, seed_entropy)
-    server = w.endpoint(SERVER)
-    server.on_event = _echo_back(server)
-    client = w.endpoint(CLIENT, nat=w.nat(NAT_IP, PORT_RESTRICTED_CONE), accept=False)
-    conn = client.connect(SERVER, expect=server.node_id)
-    assert w.run_until(lambda: conn.established, 10.0), "handshake did not complete"
+    server, client, conn, _ = _connected(w, PORT_RESTRICTED_CONE, echo=True, limit_s=10.0)
     payload = random.Random(seed).randbytes(size)
     client.send_stream(conn, 0, payload, end_stream=True)
     assert w.run_until(lambda: 0 in conn.finished, 120.0), "transfer did not complete"
@@ -107,10 +119,7 @@ def test_a_natted_client_transfers_200kb_both_ways_over_a_lossy_reordering_path(
 
 def test_a_client_behind_a_symmetric_nat_connects_to_a_public_server() -> None:
     w = World(seed=3, params=CLEAN)
-    server = w.endpoint(SERVER)
-    client = w.endpoint(CLIENT, nat=w.nat(NAT_IP, SYMMETRIC), accept=False)
-    conn = client.connect(SERVER, expect=server.node_id)
-    assert w.run_until(lambda: conn.established, 5.0)
+    server, client, conn, _ = _connected(w, SYMMETRIC)
     client.send_stream(conn, 0, b"ping", end_stream=True)
     assert w.run_until(lambda: bool(server.connections) and 0 in server.connections[0].finished, 5.0)
     assert server.connections[0].received(0) == b"ping"
@@ -118,10 +127,7 @@ def test_a_client_behind_a_symmetric_nat_connects_to_a_public_server() -> None:
 
 def test_an_unsolicited_handshake_to_a_host_behind_a_port_restricted_nat_is_dropped() -> None:
     w = World(seed=4, params=CLEAN)
-    server = w.endpoint(SERVER)
-    client = w.endpoint(CLIENT, nat=w.nat(NAT_IP, PORT_RESTRICTED_CONE), accept=True)
-    conn = client.connect(SERVER)
-    assert w.run_until(lambda: conn.established, 5.0)
+    server, client, conn, _ = _connected(w, PORT_RESTRICTED_CONE, accept=True)
     [sconn] = server.connections
     client_public = sconn.last_source
     assert client_public is not None
@@ -137,13 +143,9 @@ def test_an_unsolicited_handshake_to_a_host_behind_a_port_restricted_nat_is_drop
 
 def test_the_connection_survives_a_nat_rebinding_mid_transfer() -> None:
     w = World(seed=5, params=CLEAN)
-    server = w.endpoint(SERVER)
-    server.on_event = _echo_back(server)
     # No port preservation: after the NAT forgets the binding, the next one gets a new port.
-    nat = w.nat(NAT_IP, dataclasses.replace(PORT_RESTRICTED_CONE, port_preservation=False))
-    client = w.endpoint(CLIENT, nat=nat, accept=False)
-    conn = client.connect(SERVER, expect=server.node_id)
-    assert w.run_until(lambda: conn.established, 5.0)
+    server, client, conn, nat = _connected(
+        w, dataclasses.replace(PORT_RESTRICTED_CONE, port_preservation=False), echo=True)
     [sconn] = server.connections
     before = sconn.last_source
     payload = random.Random(1).randbytes(200_000)
@@ -245,15 +247,30 @@ def test_a_seed_reproduces_in_a_fresh_process_with_another_hash_seed() -> None:
 
 def test_seeded_entropy_is_reentrant_and_restores_aioquic() -> None:
     real_os = aioquic.tls.os
-    a = SeededEntropy(random.Random(1))
+    a = SeededEntropy(random.Random(1))  # imports AIOQUIC_OS_USERS; patches nothing yet
+    modules = [sys.modules[name] for name in AIOQUIC_OS_USERS]
+    assert all(m.os is os for m in modules)
+    # Besides `os` in those modules, SeededEntropy replaces the key generators aioquic.tls
+    # reaches through these names; that is everything it patches.
+    real_keys = {name: getattr(aioquic.tls, name) for name in ("x25519", "x448", "ec")}
+    assert real_keys == {"x25519": x25519, "x448": x448, "ec": ec}
+    real_generate = x25519.X25519PrivateKey.generate
+
+    def patched() -> bool:
+        return (all(m.os is not os for m in modules)
+                and all(getattr(aioquic.tls, n) is not real for n, real in real_keys.items()))
+
     with a:
-        assert aioquic.tls.os is not real_os
+        assert aioquic.tls.os is not real_os and patched()
         drawn = aioquic.tls.os.urandom(16)
         with a:
             aioquic.tls.os.urandom(4)
-        assert aioquic.tls.os is not real_os
+        assert aioquic.tls.os is not real_os and patched()
         assert aioquic.tls.os.getpid() == os.getpid()  # everything else is the real module
+        assert aioquic.tls.x25519.X25519PublicKey is x25519.X25519PublicKey
+        # Only aioquic's names are rebound: cryptography's own classes are never modified.
+        assert x25519.X25519PrivateKey.generate == real_generate
     assert aioquic.tls.os is real_os
+    assert all(getattr(aioquic.tls, n) is real for n, real in real_keys.items())
     assert drawn == random.Random(1).randbytes(16) and a.drawn == 20
-    modules = [sys.modules[name] for name in AIOQUIC_OS_USERS]
     assert all(m.os is os for m in modules)

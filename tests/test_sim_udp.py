@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterable
 
 import pytest
 
 from hmnode.simnet.sim.clock import VirtualClock
 from hmnode.simnet.sim.nat import (
-    FULL_CONE, HARSH_HOME, PORT_RESTRICTED_CONE, RESTRICTED_CONE, SYMMETRIC, Addr, NatProfile,
+    FULL_CONE, HARSH_HOME, PORT_RESTRICTED_CONE, RESTRICTED_CONE, SYMMETRIC, Addr, Nat, NatProfile,
 )
 from hmnode.simnet.sim.udp import PathParams, UdpError, UdpNetwork, UdpParams
 
@@ -19,6 +20,8 @@ SERVER_OTHER_PORT: Addr = ("203.0.113.10", 3479)
 OTHER_SERVER: Addr = ("203.0.113.20", 3478)
 NAT_A_IP, NAT_B_IP = "198.51.100.1", "198.51.100.2"
 A: Addr = ("10.0.0.2", 5000)
+# On A's LAN, with A's port: the NAT cannot preserve both, so A2's external port is a new one.
+A2: Addr = ("10.0.0.3", 5000)
 B: Addr = ("10.1.0.2", 5000)
 
 FAST = UdpParams(path=PathParams(latency_min_s=0.010, latency_extra_s=0.002))
@@ -53,10 +56,11 @@ class World:
         self.net = UdpNetwork(self.clock, random.Random(seed), params)
         self.inbox: dict[Addr, Inbox] = {}
 
-    def host(self, addr: Addr, nat: object = None, **kw: object) -> Inbox:
+    def host(self, addr: Addr, nat: Nat | None = None,
+             uplink_bytes_per_s: float | None = None) -> Inbox:
         inbox = Inbox(self.clock)
         self.inbox[addr] = inbox
-        self.net.bind(addr, inbox, nat=nat, **kw)  # type: ignore[arg-type]
+        self.net.bind(addr, inbox, nat=nat, uplink_bytes_per_s=uplink_bytes_per_s)
         return inbox
 
     def send(self, src: Addr, dst: Addr, data: bytes = b"x") -> None:
@@ -137,39 +141,38 @@ def test_a_binding_left_idle_past_its_timeout_refuses_the_reply() -> None:
     assert w.inbox[A].payloads() == [b"in-time"]
 
 
-def test_hosts_behind_one_nat_share_its_ip_and_talk_directly_on_the_lan() -> None:
+def _one_lan(profile: NatProfile) -> World:
+    """A and A2 behind one NAT of `profile`, SERVER on the internet; A has sent b"a" and A2 has
+    sent b"a2" to SERVER, and neither has arrived yet."""
     w = World()
-    nat = w.net.add_nat(NAT_A_IP, PORT_RESTRICTED_CONE)
-    a2: Addr = ("10.0.0.3", 5000)
+    nat = w.net.add_nat(NAT_A_IP, profile)
     w.host(A, nat=nat)
-    w.host(a2, nat=nat)
+    w.host(A2, nat=nat)
     w.host(SERVER)
     w.send(A, SERVER, b"a")
-    w.send(a2, SERVER, b"a2")
-    w.send(A, a2, b"lan")
+    w.send(A2, SERVER, b"a2")
+    return w
+
+
+def test_hosts_behind_one_nat_share_its_ip_and_talk_directly_on_the_lan() -> None:
+    w = _one_lan(PORT_RESTRICTED_CONE)
+    w.send(A, A2, b"lan")
     w.settle()
     first, second = w.inbox[SERVER].source_of(b"a"), w.inbox[SERVER].source_of(b"a2")
     assert first[0] == second[0] == NAT_A_IP and first[1] != second[1]
-    assert w.inbox[a2].got[0][1:] == (b"lan", A)
-    assert w.inbox[a2].got[0][0] < 0.005  # the LAN path, not the internet's
+    assert w.inbox[A2].got[0][1:] == (b"lan", A)
+    assert w.inbox[A2].got[0][0] < 0.005  # the LAN path, not the internet's
 
 
 @pytest.mark.parametrize("hairpinning", [True, False])
 def test_hairpinning(hairpinning: bool) -> None:
-    w = World()
-    nat = w.net.add_nat(NAT_A_IP, dataclasses.replace(FULL_CONE, hairpinning=hairpinning))
-    a2: Addr = ("10.0.0.3", 6000)
-    w.host(A, nat=nat)
-    w.host(a2, nat=nat)
-    w.host(SERVER)
-    w.send(A, SERVER, b"a")
-    w.send(a2, SERVER, b"a2")
+    w = _one_lan(dataclasses.replace(FULL_CONE, hairpinning=hairpinning))
     w.settle()
     a_ext, a2_ext = w.inbox[SERVER].source_of(b"a"), w.inbox[SERVER].source_of(b"a2")
-    w.send(a2, a_ext, b"hairpin")  # to A's public address, from inside the same NAT
+    w.send(A2, a_ext, b"hairpin")  # to A's public address, from inside the same NAT
     w.settle()
     if hairpinning:
-        # The source is a2's external address, so A can answer it through the NAT too.
+        # The source is A2's external address, so A can answer it through the NAT too.
         assert w.inbox[A].got[-1][1:] == (b"hairpin", a2_ext)
     else:
         assert w.inbox[A].got == [] and w.net.counters["drop-hairpin"] == 1
@@ -239,25 +242,30 @@ def test_a_symmetric_nat_does_reach_a_full_cone() -> None:
 
 # --- the path: latency, loss, duplication, bandwidth ------------------------------------------
 
-def test_latency_spread_reorders_datagrams() -> None:
-    w = World(params=UdpParams(path=PathParams(latency_min_s=0.010, latency_extra_s=0.010)))
-    w.host(A)
+def _burst(params: UdpParams, payloads: Iterable[bytes], settle_s: float = 1.0,
+           a_uplink_bytes_per_s: float | None = None) -> World:
+    """Public hosts A and SERVER; A has sent each of `payloads` to SERVER at once, and
+    `settle_s` has passed."""
+    w = World(params=params)
+    w.host(A, uplink_bytes_per_s=a_uplink_bytes_per_s)
     w.host(SERVER)
-    for i in range(200):
-        w.send(A, SERVER, i.to_bytes(2, "big"))
-    w.settle()
+    for data in payloads:
+        w.send(A, SERVER, data)
+    w.settle(settle_s)
+    return w
+
+
+def test_latency_spread_reorders_datagrams() -> None:
+    w = _burst(UdpParams(path=PathParams(latency_min_s=0.010, latency_extra_s=0.010)),
+               (i.to_bytes(2, "big") for i in range(200)))
     order = [int.from_bytes(d, "big") for d in w.inbox[SERVER].payloads()]
     assert sorted(order) == list(range(200)) and order != list(range(200))
     assert min(t for t, _, _ in w.inbox[SERVER].got) >= 0.010
 
 
 def test_loss_and_duplication_rates() -> None:
-    w = World(params=UdpParams(path=PathParams(loss=0.1, duplicate=0.05)))
-    w.host(A)
-    w.host(SERVER)
-    for i in range(4000):
-        w.send(A, SERVER, i.to_bytes(2, "big"))
-    w.settle()
+    w = _burst(UdpParams(path=PathParams(loss=0.1, duplicate=0.05)),
+               (i.to_bytes(2, "big") for i in range(4000)))
     lost = w.net.counters["drop-loss"]
     assert 300 < lost < 500
     assert 140 < w.net.counters["duplicate"] < 240
@@ -280,13 +288,10 @@ def test_per_path_parameters_override_the_default() -> None:
 
 
 def test_an_uplink_serialises_at_its_rate() -> None:
-    w = World(params=UdpParams(path=PathParams(latency_min_s=0.010, latency_extra_s=0.0),
-                               uplink_queue_bytes=1 << 20))
-    w.host(A, uplink_bytes_per_s=100_000.0)
-    w.host(SERVER)
-    for _ in range(100):  # 100 kB at 100 kB/s, all queued at t=0
-        w.send(A, SERVER, b"\0" * 1000)
-    w.settle(5.0)
+    # 100 kB at 100 kB/s, all queued at t=0.
+    w = _burst(UdpParams(path=PathParams(latency_min_s=0.010, latency_extra_s=0.0),
+                         uplink_queue_bytes=1 << 20),
+               [b"\0" * 1000] * 100, settle_s=5.0, a_uplink_bytes_per_s=100_000.0)
     times = [t for t, _, _ in w.inbox[SERVER].got]
     assert len(times) == 100
     assert times[0] == pytest.approx(0.010 + 0.010)  # 10 ms to serialise, 10 ms to travel
@@ -296,12 +301,8 @@ def test_an_uplink_serialises_at_its_rate() -> None:
 
 
 def test_an_overfull_uplink_queue_drops_and_counts() -> None:
-    w = World(params=UdpParams(uplink_bytes_per_s=100_000.0, uplink_queue_bytes=10_000))
-    w.host(A)
-    w.host(SERVER, uplink_bytes_per_s=float("inf"))
-    for _ in range(100):
-        w.send(A, SERVER, b"\0" * 1000)
-    w.settle()
+    w = _burst(UdpParams(uplink_bytes_per_s=100_000.0, uplink_queue_bytes=10_000),
+               [b"\0" * 1000] * 100)
     assert len(w.inbox[SERVER].got) == 10 and w.net.counters["drop-queue"] == 90
     # Once the queue has drained, sending works again.
     w.send(A, SERVER, b"\0" * 1000)
@@ -310,11 +311,7 @@ def test_an_overfull_uplink_queue_drops_and_counts() -> None:
 
 
 def test_oversized_datagrams_are_dropped() -> None:
-    w = World(params=UdpParams(max_datagram_bytes=1500))
-    w.host(A)
-    w.host(SERVER)
-    w.send(A, SERVER, b"\0" * 1501)
-    w.settle()
+    w = _burst(UdpParams(max_datagram_bytes=1500), [b"\0" * 1501])
     assert w.inbox[SERVER].got == [] and w.net.counters["drop-size"] == 1
 
 

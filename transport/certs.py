@@ -30,19 +30,25 @@ def private_key(key: NodeKey) -> ed25519.Ed25519PrivateKey:
     return ed25519.Ed25519PrivateKey.from_private_bytes(key.seed())
 
 
-def make_certificate(key: NodeKey, now: datetime.datetime | None = None) -> x509.Certificate:
-    """A self-signed certificate whose subject is the node id and whose key is the node key."""
+def make_certificate(key: NodeKey, now: datetime.datetime | None = None,
+                     serial: int | None = None) -> x509.Certificate:
+    """A self-signed certificate whose subject is the node id and whose key is the node key.
+
+    `now` (default: the wall clock) anchors the validity window and `serial` (default: a random
+    one) is the serial number; a caller that needs reproducible certificate bytes gives both.
+    """
     now = now or datetime.datetime.now(datetime.timezone.utc)
+    signing_key = private_key(key)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(key.node_id))])
     return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
-        .public_key(private_key(key).public_key())
-        .serial_number(x509.random_serial_number())
+        .public_key(signing_key.public_key())
+        .serial_number(x509.random_serial_number() if serial is None else serial)
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + _VALIDITY)
-        .sign(private_key(key), algorithm=None)
+        .sign(signing_key, algorithm=None)
     )
 
 

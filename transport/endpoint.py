@@ -26,16 +26,14 @@ from hmnode.errors import UsageError
 from hmnode.identity import NodeId, NodeKey
 from hmnode.transport.connection import Address, Handlers, PeerConnection, TransportError
 from hmnode.transport.redial import Redialer
-from hmnode.transport.quic import MutualQuicConnection, QuicTuning, make_configuration
+from hmnode.transport.quic import (CID_LENGTH, MIN_INITIAL_BYTES, MutualQuicConnection,
+                                   QuicTuning, make_configuration)
 from hmnode.transport.wire import ErrorCode
 
 log = logging.getLogger(__name__)
 
-_CID_LENGTH = 8
 SOCKET_BUFFER_BYTES = 4 << 20
 HANDLER_UNWIND_S = 1.0
-# RFC 9000 section 14.1: a client's first datagram is at least this long (anti-amplification).
-_MIN_INITIAL = 1200
 
 
 class ListenError(UsageError):
@@ -132,14 +130,14 @@ class Endpoint:
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
             if self.raw_datagram_handler is not None:
                 self.raw_datagram_handler(data, addr)
             return
         conn = self._routes.get(header.destination_cid)
         if conn is None:
-            if header.packet_type != QuicPacketType.INITIAL or len(data) < _MIN_INITIAL:
+            if header.packet_type != QuicPacketType.INITIAL or len(data) < MIN_INITIAL_BYTES:
                 return
             if header.version not in self._server_config.supported_versions:
                 return

@@ -8,6 +8,7 @@ upgrade that moves them fails there, loudly, rather than weakening authenticatio
 
 from __future__ import annotations
 
+import datetime
 import ssl
 from dataclasses import dataclass
 
@@ -21,6 +22,11 @@ from hmnode.transport.wire import ALPN, MAX_DATAGRAM_BYTES
 
 
 MAX_PACKET = 16384
+# The length of the connection ids this node issues; set in every configuration, so that
+# endpoints can parse a short header's destination id (whose length is not on the wire).
+CID_LENGTH = 8
+# RFC 9000 section 14.1: a client's first datagram is at least this long (anti-amplification).
+MIN_INITIAL_BYTES = 1200
 
 
 @dataclass(frozen=True)
@@ -41,15 +47,22 @@ class QuicTuning:
             raise ValueError(f"congestion_control must be reno or cubic, not {self.congestion_control!r}")
 
 
-def make_configuration(key: NodeKey, is_client: bool, tuning: QuicTuning = QuicTuning()) -> QuicConfiguration:
+def make_configuration(key: NodeKey, is_client: bool, tuning: QuicTuning = QuicTuning(), *,
+                       certificate_now: datetime.datetime | None = None,
+                       certificate_serial: int | None = None) -> QuicConfiguration:
     """A configuration that presents the node's certificate on both sides and checks nothing
-    against CAs: the peer's key is checked against its node id after the handshake instead."""
+    against CAs: the peer's key is checked against its node id after the handshake instead.
+
+    `certificate_now` and `certificate_serial` go to `certs.make_certificate` (defaults: the
+    wall clock and a random serial); the simulator fixes both to make certificates reproducible.
+    """
     config = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[ALPN],
-        certificate=certs.make_certificate(key),
+        certificate=certs.make_certificate(key, now=certificate_now, serial=certificate_serial),
         private_key=certs.private_key(key),
         verify_mode=ssl.CERT_NONE,
+        connection_id_length=CID_LENGTH,
         max_datagram_frame_size=MAX_DATAGRAM_BYTES + 64,
         max_datagram_size=tuning.max_datagram_size,
         max_data=tuning.flow_window * 4,

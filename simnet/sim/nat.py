@@ -37,7 +37,8 @@ _PERMIT_SWEEP_AT = 64
 
 
 class NatError(HmnodeError, ValueError):
-    """A NAT was given an impossible profile or address."""
+    """A NAT was given an impossible profile or address. The simulated UDP network's `UdpError`
+    derives from it, so one `except NatError` covers misuse of the whole simulated internet."""
 
 
 class MappingType(Enum):
@@ -309,6 +310,12 @@ class Nat:
         self._by_port[entry.external_port] = entry
         self.counters["created"] += 1
         return entry
+
+    def _sweep_permits(self, entry: _Entry, now: float) -> None:
+        # The expiry test `inbound` and `bindings` apply, so a swept permission is only one
+        # they already ignore: sweeping changes memory, never what the filter admits.
+        timeout = self.profile.binding_timeout_s
+        entry.permits = {p: t for p, t in entry.permits.items() if now < t + timeout}
 
     def _remove(self, key: tuple[Addr, RemoteKey], entry: _Entry) -> None:
         del self._by_key[key]

@@ -21,12 +21,13 @@ replaces, for the duration of each call this driver makes into aioquic and nothi
   `aioquic.quic.retry` by a stand-in whose `urandom` reads a seeded generator (the real `os`
   module, and every other module's use of it, is untouched);
 - `X25519PrivateKey.generate`, `X448PrivateKey.generate` and `ec.generate_private_key` as seen
-  from `aioquic.tls` by functions that derive the private key from the same generator;
-- while an endpoint builds its certificate, `os` inside `cryptography.x509.base`, so the serial
-  number `x509.random_serial_number()` draws is seeded too; the certificate's validity starts at
-  the fixed `SIM_CERT_EPOCH` instead of the wall clock. This is done even with
-  `seed_entropy=False`: a certificate is configuration, and a random serial is one byte shorter
-  in DER about once in 256 draws, which would shift the sizes of handshake packets.
+  from `aioquic.tls` by functions that derive the private key from the same generator.
+
+An endpoint's certificates take their serial number from the same generator (drawn as
+`x509.random_serial_number()` draws it) and start their validity at the fixed `SIM_CERT_EPOCH`
+instead of the wall clock. This is done even with `seed_entropy=False`: a certificate is
+configuration, and a random serial is one byte shorter in DER about once in 256 draws, which would
+shift the sizes of handshake packets.
 
 Ed25519 signatures are deterministic (RFC 8032) and AEAD/header protection are pure functions of
 keys and packet numbers, so with these seeded every datagram's bytes are fixed by the seed:
@@ -55,8 +56,8 @@ from __future__ import annotations
 import datetime
 import importlib
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from random import Random
 from types import ModuleType
@@ -71,10 +72,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, x448, x25519
 
 from hmnode.identity import NodeId, NodeKey
 from hmnode.transport import certs
-from hmnode.transport.quic import (MutualQuicConnection, QuicTuning, authenticated_peer,
-                                   make_configuration)
+from hmnode.transport.quic import (CID_LENGTH, MIN_INITIAL_BYTES, MutualQuicConnection, QuicTuning,
+                                   authenticated_peer, make_configuration)
 from hmnode.transport.wire import ErrorCode
 
+from .clock import Scheduled
 from .nat import Addr, Nat
 from .udp import UdpNetwork
 
@@ -82,16 +84,11 @@ T = TypeVar("T")
 
 # The certificate's validity start in the simulation: a constant, so certificate bytes are too.
 SIM_CERT_EPOCH = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
-CID_LENGTH = 8  # aioquic's default, which make_configuration keeps
-# RFC 9000 section 14.1: a client's first datagram is at least this long (anti-amplification).
-MIN_INITIAL_BYTES = 1200
 TIMER_SLACK_S = 1e-6  # how long after aioquic's deadline its timer fires (see _arm)
 
 # Modules whose global name `os` is shadowed while aioquic runs under a SeededEntropy.
 AIOQUIC_OS_USERS = ("aioquic.tls", "aioquic.quic.connection", "aioquic.quic.packet",
                     "aioquic.quic.retry")
-# Where `x509.random_serial_number` finds `os`; shadowed only while a certificate is built.
-CERT_SERIAL_MODULE = "cryptography.x509.base"
 
 
 class _Shadow:
@@ -107,8 +104,8 @@ class _Shadow:
 
 
 class SeededEntropy:
-    """Makes aioquic's (and certificate serials') randomness a function of one seeded generator
-    while entered; re-entrant, and restores exactly what it replaced on exit.
+    """Makes aioquic's randomness a function of one seeded generator while entered; re-entrant,
+    and restores exactly what it replaced on exit.
 
     See the module docstring for what is covered and what is not.
     """
@@ -127,7 +124,6 @@ class SeededEntropy:
             if not isinstance(getattr(tls, name, None), ModuleType):
                 raise RuntimeError(f"aioquic.tls no longer imports {name}: SeededEntropy needs "
                                    "updating for this aioquic")
-        self._serial_module = importlib.import_module(CERT_SERIAL_MODULE)
         os_module = self._os_users[0].os
         self._os = _Shadow(os_module, urandom=self.urandom)
         self._x25519 = _Shadow(x25519, X25519PrivateKey=_Shadow(
@@ -175,21 +171,6 @@ class SeededEntropy:
     def __exit__(self, *exc: object) -> None:
         self._restore()
 
-    @contextmanager
-    def certificates(self) -> Iterator[None]:
-        """Also seed `x509.random_serial_number` (used by `certs.make_certificate`)."""
-        with self:
-            self._swap([(self._serial_module, "os", self._os)])
-            try:
-                yield
-            finally:
-                self._restore()
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
 
 @dataclass(eq=False)
 class SimConnection:
@@ -197,7 +178,6 @@ class SimConnection:
 
     quic: QuicConnection
     is_client: bool
-    remote: Addr  # dialled, or where the first Initial came from
     last_source: Addr | None = None  # where the latest datagram came from (moves on rebinding)
     expected_peer: NodeId | None = None
     peer_id: NodeId | None = None  # set once the handshake completed and the peer's key checked
@@ -205,8 +185,8 @@ class SimConnection:
     terminated: events.ConnectionTerminated | None = None
     streams: dict[int, bytearray] = field(default_factory=dict)
     finished: set[int] = field(default_factory=set)
-    events: list[events.QuicEvent] = field(default_factory=list)
-    timer_at: float | None = None
+    timer_at: float | None = None  # the aioquic deadline `timer` is armed for
+    timer: Scheduled | None = None
 
     @property
     def established(self) -> bool:
@@ -226,8 +206,9 @@ class SimQuicEndpoint:
     when `accept` is true, and drives its connections' timers on the network's clock.
 
     `rng` seeds the endpoint's certificate serial and, when `seed_entropy`, its TLS and
-    connection-id randomness; the network's rng stays the only source of network randomness. `on_event(conn, event)` is called
-    for every aioquic event after the endpoint has handled it and sent what it caused.
+    connection-id randomness; the network's rng stays the only source of network randomness.
+    `on_event(conn, event)` is called for every aioquic event after the endpoint has handled it
+    and sent what it caused.
     """
 
     def __init__(self, net: UdpNetwork, addr: Addr, key: NodeKey, rng: Random, *,
@@ -256,27 +237,31 @@ class SimQuicEndpoint:
 
     def _configuration(self, is_client: bool, tuning: QuicTuning,
                        entropy: SeededEntropy) -> QuicConfiguration:
-        config = make_configuration(self.key, is_client, tuning)
-        # make_configuration stamps the wall clock and a random serial into the certificate;
-        # rebuild it from the fixed epoch and a seeded serial so its bytes are reproducible.
-        with entropy.certificates():
-            config.certificate = certs.make_certificate(self.key, now=SIM_CERT_EPOCH)
-        return config
+        # The certificate's bytes must be reproducible: a fixed epoch instead of the wall clock,
+        # and a serial computed as x509.random_serial_number() does, from the seeded generator.
+        serial = int.from_bytes(entropy.urandom(20), "big") >> 1
+        return make_configuration(self.key, is_client, tuning, certificate_now=SIM_CERT_EPOCH,
+                                  certificate_serial=serial)
 
-    def _seeded(self) -> Any:
-        return self.entropy if self.entropy is not None else _nothing()
+    def _seeded(self) -> AbstractContextManager[SeededEntropy | None]:
+        return self.entropy if self.entropy is not None else nullcontext()
+
+    def _new_quic(self, configuration: QuicConfiguration,
+                  original_destination_connection_id: bytes | None = None) -> MutualQuicConnection:
+        # The constructor draws connection ids and reset tokens, so it runs seeded too.
+        with self._seeded():
+            return MutualQuicConnection(
+                configuration=configuration,
+                original_destination_connection_id=original_destination_connection_id)
 
     # --- application side -------------------------------------------------------------------
 
     def connect(self, remote: Addr, expect: NodeId | None = None) -> SimConnection:
         """Dial `remote`; the connection is authenticated once `established` (and closed with
         AUTH_FAILED if `expect` is given and the peer's key is another)."""
-        with self._seeded():
-            quic = MutualQuicConnection(configuration=self._client_config)
-            quic.connect(remote, now=self.net.clock.now)
-        conn = SimConnection(quic, True, remote, expected_peer=expect)
-        self._adopt(conn, quic.host_cid)
-        self._service(conn)
+        conn = SimConnection(self._new_quic(self._client_config), True, expected_peer=expect)
+        self._adopt(conn, conn.quic.host_cid)
+        self.act(conn, lambda q: q.connect(remote, now=self.net.clock.now))
         return conn
 
     def act(self, conn: SimConnection, fn: Callable[[QuicConnection], T]) -> T:
@@ -321,42 +306,40 @@ class SimQuicEndpoint:
                     and len(data) >= MIN_INITIAL_BYTES):
                 self.counters["unknown-cid"] += 1
                 return
-            with self._seeded():
-                quic = MutualQuicConnection(configuration=self._server_config,
-                                            original_destination_connection_id=header.destination_cid)
-            conn = SimConnection(quic, False, src)
+            quic = self._new_quic(self._server_config, header.destination_cid)
+            conn = SimConnection(quic, False)
             self._adopt(conn, header.destination_cid, quic.host_cid)
             self.counters["accepted"] += 1
         if conn.terminated is not None:
             self.counters["after-close"] += 1
             return
         conn.last_source = src
-        with self._seeded():
-            conn.quic.receive_datagram(data, src, now=self.net.clock.now)
-        self._service(conn)
+        self.act(conn, lambda q: q.receive_datagram(data, src, now=self.net.clock.now))
 
     def _service(self, conn: SimConnection) -> None:
         """Handle the connection's events, send its datagrams, re-arm its timer, then tell the
         application."""
         now = self.net.clock.now
-        happened: list[events.QuicEvent] = []
         with self._seeded():
-            while (event := conn.quic.next_event()) is not None:
-                happened.append(event)
-                self._handle(conn, event)
+            happened = self._drain(conn)
             for data, addr in conn.quic.datagrams_to_send(now=now):
                 self.net.send(self.addr, addr, data)
             # Events a close (above) queued, such as our own ConnectionTerminated.
-            while (event := conn.quic.next_event()) is not None:
-                happened.append(event)
-                self._handle(conn, event)
+            happened += self._drain(conn)
         self._arm(conn)
         if self.on_event is not None:
             for event in happened:
                 self.on_event(conn, event)
 
+    def _drain(self, conn: SimConnection) -> list[events.QuicEvent]:
+        """Handle every event the connection has queued; returns them in order."""
+        happened: list[events.QuicEvent] = []
+        while (event := conn.quic.next_event()) is not None:
+            happened.append(event)
+            self._handle(conn, event)
+        return happened
+
     def _handle(self, conn: SimConnection, event: events.QuicEvent) -> None:
-        conn.events.append(event)
         if isinstance(event, events.StreamDataReceived):
             conn.streams.setdefault(event.stream_id, bytearray()).extend(event.data)
             if event.end_stream:
@@ -386,22 +369,21 @@ class SimQuicEndpoint:
         conn.peer_id = peer_id
 
     def _arm(self, conn: SimConnection) -> None:
-        # The clock cannot cancel a callback: a superseded one finds timer_at changed and returns.
         when = conn.quic.get_timer()
-        if when is None or when == conn.timer_at:
+        if when == conn.timer_at:
+            return  # already armed for this deadline; re-arming would only push it later
+        if conn.timer is not None:
+            conn.timer.cancel()
+        conn.timer_at, conn.timer = when, None
+        if when is None:
             return
-        conn.timer_at = when
         # Fire a little after the deadline, never at it: aioquic's loss detection tests
         # `sent_time <= now - delay`, which float rounding can make false at exactly
         # now == sent_time + delay, and the timer would then ask for the same instant forever.
         # A real event loop is always that late; here the slack also guarantees progress.
         fire_at = max(when, self.net.clock.now) + TIMER_SLACK_S
-        self.net.clock.call_at(fire_at, lambda: self._on_timer(conn, when))
+        conn.timer = self.net.clock.call_at(fire_at, lambda: self._on_timer(conn))
 
-    def _on_timer(self, conn: SimConnection, when: float) -> None:
-        if conn.timer_at != when:
-            return
-        conn.timer_at = None
-        with self._seeded():
-            conn.quic.handle_timer(now=self.net.clock.now)
-        self._service(conn)
+    def _on_timer(self, conn: SimConnection) -> None:
+        conn.timer_at, conn.timer = None, None
+        self.act(conn, lambda q: q.handle_timer(now=self.net.clock.now))

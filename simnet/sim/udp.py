@@ -40,18 +40,22 @@ from random import Random
 
 import msgpack
 
-from hmnode.errors import HmnodeError
-
 from .clock import VirtualClock
-from .nat import Addr, Nat, NatProfile
+from .nat import Addr, Nat, NatError, NatProfile
+from .network import TRACE_KEPT
 
 Handler = Callable[[bytes, Addr], None]
-TRACE_KEPT = 20_000  # the newest trace entries kept for inspection; all of them are hashed
 
 
-class UdpError(HmnodeError, ValueError):
+class UdpError(NatError):
     """A simulated UDP network was misused: an unbound sender, an address taken twice, a bad
-    parameter."""
+    parameter. A `NatError` too, since the network also passes on its NATs' errors."""
+
+
+def _check_uplink_rate(bytes_per_s: float) -> None:
+    # Both the network's default and a host's own rate; math.inf is the unlimited uplink.
+    if not bytes_per_s > 0:
+        raise UdpError("uplink_bytes_per_s must be positive (math.inf for unlimited)")
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,7 @@ class UdpParams:
     max_datagram_bytes: int = 65_507  # IPv4 UDP's limit
 
     def __post_init__(self) -> None:
-        if not self.uplink_bytes_per_s > 0:
-            raise UdpError("uplink_bytes_per_s must be positive (math.inf for unlimited)")
+        _check_uplink_rate(self.uplink_bytes_per_s)
         if self.uplink_queue_bytes < 0 or self.max_datagram_bytes < 1:
             raise UdpError("uplink_queue_bytes and max_datagram_bytes must be positive")
 
@@ -137,7 +140,6 @@ class UdpNetwork:
         self._hosts: dict[Addr, _Host] = {}
         self._nats: dict[str, Nat] = {}
         self._paths: dict[tuple[str, str], PathParams] = {}
-        self._nat_created: dict[str, int] = {}  # each NAT's binding count last traced
 
     # --- topology ---------------------------------------------------------------------------
 
@@ -170,10 +172,9 @@ class UdpNetwork:
         if nat is not None and self._nats.get(nat.public_ip) is not nat:
             raise UdpError("a host's NAT must come from this network's add_nat")
         rate = self.params.uplink_bytes_per_s if uplink_bytes_per_s is None else uplink_bytes_per_s
-        if not rate > 0:
-            raise UdpError("uplink_bytes_per_s must be positive (math.inf for unlimited)")
+        _check_uplink_rate(rate)
         self._hosts[addr] = _Host(addr, handler, nat, rate)
-        self.record("bind", addr, (nat.public_ip if nat is not None else addr[0], 0), b"")
+        self.record("bind", addr, (self.public_ip_of(addr), 0), b"")
 
     def unbind(self, addr: Addr) -> None:
         """Remove the host at `addr`; datagrams still on their way to it are dropped."""
@@ -236,18 +237,14 @@ class UdpNetwork:
             if not nat.profile.hairpinning:
                 self.record("drop-hairpin", host.addr, dst, data)
                 return
-            seen = nat.outbound(host.addr, dst, now)
-            self._note_binding(nat, host.addr, seen)
+            seen = self._translate(nat, host.addr, dst, now)
             self._transmit(seen, dst, data, self.params.lan, None)
             return
         peer = self._hosts.get(dst)
         if peer is not None and nat is not None and peer.nat is nat:
             self._transmit(host.addr, dst, data, self.params.lan, nat)  # same LAN
             return
-        wire_src = host.addr
-        if nat is not None:
-            wire_src = nat.outbound(host.addr, dst, now)
-            self._note_binding(nat, host.addr, wire_src)
+        wire_src = host.addr if nat is None else self._translate(nat, host.addr, dst, now)
         path = self._paths.get((wire_src[0], dst[0]), self.params.path)
         self._transmit(wire_src, dst, data, path, None)
 
@@ -284,12 +281,13 @@ class UdpNetwork:
         self.record("recv", wire_src, target, data)
         host.handler(data, wire_src)
 
-    def _note_binding(self, nat: Nat, internal: Addr, external: Addr) -> None:
-        # Surface each binding the NAT creates in the trace, so a failed punch can be read there.
+    def _translate(self, nat: Nat, internal: Addr, dst: Addr, now: float) -> Addr:
+        """`nat.outbound`, tracing each binding it creates, so a failed punch can be read there."""
         made = nat.counters["created"]
-        if self._nat_created.get(nat.public_ip, 0) != made:
-            self._nat_created[nat.public_ip] = made
+        external = nat.outbound(internal, dst, now)
+        if nat.counters["created"] != made:
             self.record("nat-map", internal, external, b"")
+        return external
 
     # --- trace ------------------------------------------------------------------------------
 
