@@ -41,6 +41,12 @@ class NetParams:
     connect_timeout_s: float = 0.5  # how long a send to a crashed node takes to fail
 
 
+def link_delay(rng: Random, minimum_s: float, extra_mean_s: float) -> float:
+    """One frame's latency on a link: the minimum plus an exponential draw of mean
+    `extra_mean_s`, so frames sent in order may arrive out of it."""
+    return minimum_s + (rng.expovariate(1.0 / extra_mean_s) if extra_mean_s > 0 else 0.0)
+
+
 @dataclass(frozen=True)
 class TraceEntry:
     """One thing the network did: (time, kind, src, dst, CRC-32 of the bytes)."""
@@ -235,8 +241,7 @@ class SimNetwork:
                 continue
             host.inflight += 1
             self.max_inflight = max(self.max_inflight, host.inflight)
-            delay = departs + p.latency_min_s + (self.rng.expovariate(1.0 / p.latency_extra_s)
-                                                 if p.latency_extra_s > 0 else 0.0)
+            delay = departs + link_delay(self.rng, p.latency_min_s, p.latency_extra_s)
             epoch = host.epoch
             self.record("send", src, dst, frame)
             self.clock.call_later(delay, lambda f=frame, e=epoch: self._arrive(src, dst, f, e))

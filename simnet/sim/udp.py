@@ -42,7 +42,7 @@ import msgpack
 
 from .clock import VirtualClock
 from .nat import Addr, Nat, NatError, NatProfile
-from .network import TRACE_KEPT
+from .network import TRACE_KEPT, link_delay
 
 Handler = Callable[[bytes, Addr], None]
 
@@ -257,8 +257,7 @@ class UdpNetwork:
         if copies == 2:
             self.record("duplicate", wire_src, dst, data)
         for _ in range(copies):
-            delay = path.latency_min_s + (self.rng.expovariate(1.0 / path.latency_extra_s)
-                                          if path.latency_extra_s > 0 else 0.0)
+            delay = link_delay(self.rng, path.latency_min_s, path.latency_extra_s)
             self.clock.call_later(delay, lambda: self._arrive(wire_src, dst, data, lan))
 
     def _arrive(self, wire_src: Addr, dst: Addr, data: bytes, lan: Nat | None) -> None:
