@@ -24,6 +24,8 @@ from hmnode.store import Store, Txn
 from hmnode.supervisor import Subsystem, Supervisor
 from hmnode.transport.connection import Handlers
 from hmnode.transport.endpoint import ConnectionLimits, Endpoint
+from hmnode.transport.relay import RelayLimits
+from hmnode.transport.traversal import NatTraversal, TraversalConfig
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,15 @@ class Agent:
         self.endpoint = Endpoint(key, Handlers(), limits=ConnectionLimits(
             max_connections=config.max_connections, max_per_ip=config.max_connections_per_ip))
         self.mesh = Mesh(key, self.endpoint, store, self._describe)
+        self.traversal = NatTraversal(
+            self.endpoint, key, TraversalConfig(relay=RelayLimits(
+                enabled=config.relay_enabled, max_reservations=config.relay_max_reservations,
+                max_circuits_per_peer=config.relay_max_circuits_per_peer,
+                circuit_bytes=config.relay_circuit_mib << 20, circuit_s=config.relay_circuit_s)),
+            addresses_of=self.mesh.addresses_of, on_addresses_changed=self.mesh.addresses_changed)
+        self.traversal.relay_candidates = [((p.addr.host, p.addr.port), p.node_id)
+                                           for p in config.bootstrap]
+        self.mesh.traversal = self.traversal
         self.control = ControlServer(data_dir.control_socket, {
             "status": self._status,
             "assets": self._assets,
@@ -103,6 +114,7 @@ class Agent:
             "adverts": self._adverts,
             "advertise": self._advertise,
             "mesh_stats": self._mesh_stats,
+            "connect": self._connect,
         })
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -124,6 +136,7 @@ class Agent:
                 failure = await self.supervisor.run([
                     Subsystem("inventory", self._refresh_inventory),
                     Subsystem("mesh", self.mesh.run),
+                    Subsystem("nat", self.traversal.run),
                 ])
             finally:
                 await self.control.close()
@@ -174,8 +187,8 @@ class Agent:
         """What this node's advert says: where to reach it and what it could share."""
         # Before the first inventory, ask the interfaces directly (cheap, and needed at start).
         network = self._inventory.network if self._inventory else probe_network()
-        addresses = advertised_addresses(self.endpoint.addresses, network)
-        return addresses, shareable(self._inventory)
+        local = advertised_addresses(self.endpoint.addresses, network)
+        return self.traversal.advertised(local), shareable(self._inventory)
 
     # --- control methods --------------------------------------------------------------------
 
@@ -189,6 +202,21 @@ class Agent:
         except HmnodeError as exc:
             raise MethodError("join_failed", str(exc)) from None
         return {"node_id": str(joined)}
+
+    async def _connect(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            peer = NodeId.parse(params.get("node_id"))  # type: ignore[arg-type]
+            timeout = float(params.get("timeout", 10.0))
+        except (TypeError, ValueError) as exc:
+            raise MethodError("bad_request", f"connect takes a node_id and a timeout: {exc}") from None
+        started = time.monotonic()
+        try:
+            conn = await self.traversal.connect(peer, timeout=timeout)
+        except HmnodeError as exc:
+            raise MethodError("connect_failed", str(exc)) from None
+        return {"node_id": str(peer), **self.traversal.path_of(conn),
+                "rtt_ms": None if conn.rtt_s is None else round(conn.rtt_s * 1000, 3),
+                "elapsed_ms": round((time.monotonic() - started) * 1000, 1)}
 
     async def _adverts(self, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         return self.mesh.advert_list()
@@ -212,6 +240,7 @@ class Agent:
             "addresses": [format_addr(a) for a in self.endpoint.addresses],
             "peers": len(self.endpoint.peers),
             "store_map_bytes": self.store.map_size,
+            "nat": self.traversal.status(),
         }
 
     async def _assets(self, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,7 +260,9 @@ class Agent:
         return {**self.mesh.snapshot(), "misbehaviour": dict(sorted(self.endpoint.misbehaviour.items())),
                 "connections": [{
             "node_id": str(node_id),
-            "address": format_addr(conn.addr),
+            "address": self.traversal.dial_address(conn),
+            **self.traversal.path_of(conn),
+            "time_to_direct_ms": self.traversal.time_to_direct_ms.get(node_id),
             "direction": "out" if conn.is_client else "in",
             "rtt_ms": None if conn.rtt_s is None else round(conn.rtt_s * 1000, 3),
             "bytes_in": conn.bytes_in,

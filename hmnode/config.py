@@ -128,6 +128,14 @@ def _count(low: int, high: int) -> Callable[[Any], int]:
     return parse
 
 
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def _setting(key: str, default: Any, parse: Callable[[Any], Any], env: str, help: str) -> Any:
     return field(default=default, metadata={"key": key, "parse": parse, "env": env, "help": help})
 
@@ -151,6 +159,26 @@ class Config:
     max_connections_per_ip: int = _setting(
         "transport.max_connections_per_ip", 16, _count(1, 100_000), "HMNODE_MAX_CONNECTIONS_PER_IP",
         "most connections from one IP address (raise it when many peers share one NAT)",
+    )
+    relay_enabled: bool = _setting(
+        "relay.enabled", True, _flag, "HMNODE_RELAY_ENABLED",
+        "offer relay reservations to private nodes when this node is publicly reachable",
+    )
+    relay_max_reservations: int = _setting(
+        "relay.max_reservations", 128, _count(0, 100_000), "HMNODE_RELAY_MAX_RESERVATIONS",
+        "most private nodes this node relays for at once",
+    )
+    relay_max_circuits_per_peer: int = _setting(
+        "relay.max_circuits_per_peer", 16, _count(1, 10_000), "HMNODE_RELAY_MAX_CIRCUITS_PER_PEER",
+        "most relayed connections one peer may have through this node",
+    )
+    relay_circuit_mib: int = _setting(
+        "relay.circuit_mib", 64, _count(1, 1 << 20), "HMNODE_RELAY_CIRCUIT_MIB",
+        "MiB one relayed connection may carry before the relay ends it",
+    )
+    relay_circuit_s: float = _setting(
+        "relay.circuit_s", 3600.0, _seconds(10, 86400 * 7), "HMNODE_RELAY_CIRCUIT_S",
+        "seconds one relayed connection may last before the relay ends it",
     )
     log_level: str = _setting(
         "log.level", "info", _choice("debug", "info", "warning", "error"), "HMNODE_LOG_LEVEL",

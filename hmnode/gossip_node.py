@@ -150,7 +150,7 @@ class GossipNode:
             self.membership.add_passive(known, now)
         self._first_advert_by = now + self.config.first_advert_wait_s
         cfg = self.config
-        self._every(cfg.describe_every_s, self._refresh_advert, first=0.0)
+        self._every(cfg.describe_every_s, self.refresh_advert, first=0.0)
         self._every(cfg.anti_entropy_s, self._anti_entropy)
         self._every(cfg.persist_s, self.persist)
         self._pump()
@@ -309,7 +309,8 @@ class GossipNode:
         self.broadcast.tick(now)
         self._pump()
 
-    def _refresh_advert(self) -> None:
+    def refresh_advert(self) -> None:
+        """Publish a new advert if what `describe` says changed, or the current one is due."""
         now = self.env.clock.now()
         addresses, inventory = self.describe()
         own = self.own

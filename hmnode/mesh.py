@@ -24,6 +24,7 @@ from hmnode.store import Store
 from hmnode.transport.connection import PeerConnection, TransportError
 from hmnode.transport.endpoint import Endpoint
 from hmnode.transport.redial import Backoff
+from hmnode.transport.traversal import NatTraversal
 from hmnode.transport.wire import WireError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Mesh(GossipObserver):
         self._received_at: dict[NodeId, float] = {}
         self._queued: dict[NodeId, list[tuple[str, dict]]] = {}
         self._dialling: dict[NodeId, asyncio.Task] = {}
+        # Set by the agent: how peers are reached (direct, relayed, punched).
+        self.traversal: NatTraversal | None = None
         handlers = endpoint.handlers
         handlers.notify = self._on_notify
         endpoint.connection_closed_handler = self._on_connection_closed
@@ -173,11 +176,33 @@ class Mesh(GossipObserver):
         log.info("misbehaviour by %s: %s", peer.short(), reason)
         self.endpoint.misbehaviour[str(peer)] += 1
 
+    async def connect(self, node_id: NodeId, addr: str | None = None,
+                      timeout: float = DIAL_TIMEOUT_S) -> PeerConnection:
+        """A connection to `node_id`: through NAT traversal (its advert's direct and relayed
+        addresses) where the agent runs it, else a direct dial of `addr`."""
+        if self.traversal is not None:
+            return await self.traversal.connect(node_id, addr, timeout=timeout)
+        if addr is None:
+            raise TransportError("no known address")
+        return await self.endpoint.connect(parse_addr(addr), node_id, timeout=timeout)
+
+    def addresses_of(self, node_id: NodeId) -> list[str]:
+        """Where `node_id` says it can be reached (its advert), or nothing if unknown."""
+        if node_id == self.me:
+            return list(self.describe()[0])
+        if self._node is None:
+            return []
+        advert = self._node.adverts.get(node_id)
+        return list(advert.addresses) if advert is not None else []
+
+    def addresses_changed(self) -> None:
+        """This node's reachable addresses changed: re-advertise them."""
+        if self._node is not None and not self._node.stopped:
+            self._node.refresh_advert()
+
     async def _dial(self, node_id: NodeId, addr: str | None) -> None:
         try:
-            if addr is None:
-                raise TransportError("no known address")
-            conn = await self.endpoint.connect(parse_addr(addr), node_id, timeout=DIAL_TIMEOUT_S)
+            conn = await self.connect(node_id, addr)
             for topic, message in self._queued.pop(node_id, []):
                 conn.notify(topic, message)
         except (TransportError, ValueError) as exc:
@@ -189,8 +214,10 @@ class Mesh(GossipObserver):
 
     def _peer_of(self, conn: PeerConnection) -> Peer:
         # One socket both listens and dials, so the address a peer is seen from is where it
-        # listens (until NAT traversal adds observed and relayed addresses).
+        # listens; a relayed peer is named by its relayed address.
         assert conn.peer_id is not None
+        if self.traversal is not None:
+            return Peer(conn.peer_id, self.traversal.dial_address(conn))
         return Peer(conn.peer_id, format_addr(conn.addr))
 
     def _on_notify(self, conn: PeerConnection, topic: str, body: Any) -> None:

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
+# The host part of the pseudo-address of a connection carried by a relay circuit.
+RELAYED_PREFIX = "relay/"
 
 # A peer that sends this many malformed messages on one connection is cut off.
 MAX_STRIKES = 3
@@ -113,6 +115,8 @@ class PeerConnection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.rtt_s: float | None = None
+        # When the peer was last heard from (loop time): how a dead path is noticed.
+        self.last_heard = self._now()
         self.strikes = 0
         self._pending: dict[int, asyncio.Future] = {}
         self._inbound: dict[int, _InboundStream] = {}
@@ -131,6 +135,11 @@ class PeerConnection:
     # --- identity and state -----------------------------------------------------------------
 
     @property
+    def is_relayed(self) -> bool:
+        """Whether this connection runs over a relay circuit rather than a direct path."""
+        return isinstance(self.addr[0], str) and self.addr[0].startswith(RELAYED_PREFIX)
+
+    @property
     def is_established(self) -> bool:
         return self.established.done() and not self.established.exception() and not self.closed.done()
 
@@ -142,6 +151,7 @@ class PeerConnection:
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         self.bytes_in += len(data)
+        self.last_heard = self._now()
         self.quic.receive_datagram(data, addr, now=self._now())
         self._process_events()
         # Answer at once: acks that wait for the end of the loop turn slow the sender's clock

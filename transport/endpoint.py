@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,14 +55,18 @@ class ConnectionLimits:
 class _Socket(asyncio.DatagramProtocol):
     def __init__(self, endpoint: "Endpoint") -> None:
         self.endpoint = endpoint
+        self.transport: asyncio.DatagramTransport | None = None
         self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.endpoint.datagram_received(data, addr)
+        self.endpoint.datagram_received(data, addr, self.transport)
 
     def error_received(self, exc: Exception) -> None:
         log.debug("socket error: %s", exc)
@@ -80,15 +85,26 @@ class Endpoint:
         self._server_config = make_configuration(key, is_client=False, tuning=tuning)
         self._client_config = make_configuration(key, is_client=True, tuning=tuning)
         self._sockets: dict[int, asyncio.DatagramTransport] = {}
+        self._raw: dict[int, socket.socket] = {}
+        # Paths that are not this endpoint's main sockets: relay circuits (a pseudo-address whose
+        # datagrams a function carries) and sockets opened for birthday probing.
+        self._circuits: dict[Address, Callable[[bytes], None]] = {}
+        self._pinned: dict[Address, asyncio.DatagramTransport] = {}
+        self._extra: dict[asyncio.DatagramTransport, socket.socket] = {}
         self._routes: dict[bytes, PeerConnection] = {}
         self._live: set[PeerConnection] = set()
         self.peers: dict[NodeId, PeerConnection] = {}
         self.misbehaviour: Counter[str] = Counter()
         self._keepalive: asyncio.Task | None = None
         self._redialers: dict[Address, Redialer] = {}
-        self.raw_datagram_handler: Any = None
+        # Told of every datagram that is not QUIC (dial-backs, punch probes), with the socket
+        # that received it.
+        self.raw_datagram_handler: Callable[[bytes, Address, Any], None] | None = None
         # Told of every connection that ends (after it has left `peers`).
         self.connection_closed_handler: Callable[[PeerConnection], None] | None = None
+        # Further listeners (NAT traversal): each authenticated connection kept, each closed one.
+        self.authenticated_handlers: list[Callable[[PeerConnection], None]] = []
+        self.closed_handlers: list[Callable[[PeerConnection], None]] = []
 
     # --- sockets ----------------------------------------------------------------------------
 
@@ -97,8 +113,9 @@ class Endpoint:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Socket(self), sock=_bind(family, host, port))
+            sock = _bind(family, host, port)
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Socket(self), sock=sock)
+            self._raw[family] = sock
         except OSError as exc:
             raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
                               "choose another address with --listen or node.listen") from exc
@@ -106,9 +123,10 @@ class Endpoint:
         if host == "0.0.0.0":
             bound_port = transport.get_extra_info("sockname")[1]
             try:
-                transport6, _ = await loop.create_datagram_endpoint(
-                    lambda: _Socket(self), sock=_bind(socket.AF_INET6, "::", bound_port))
+                sock6 = _bind(socket.AF_INET6, "::", bound_port)
+                transport6, _ = await loop.create_datagram_endpoint(lambda: _Socket(self), sock=sock6)
                 self._sockets[socket.AF_INET6] = transport6
+                self._raw[socket.AF_INET6] = sock6
             except OSError as exc:
                 log.info("no IPv6 socket on port %d: %s", bound_port, exc)
         self._keepalive = asyncio.create_task(self._keep_alive(), name="transport-keepalive")
@@ -119,21 +137,79 @@ class Endpoint:
         """The bound (host, port) of each socket."""
         return [tuple(t.get_extra_info("sockname")[:2]) for t in self._sockets.values()]  # type: ignore[misc]
 
-    def send_raw(self, data: bytes, addr: Address) -> None:
-        """Send one UDP datagram from the endpoint's socket (QUIC's, or a hole punch's)."""
+    def send_raw(self, data: bytes, addr: Address, ttl: int | None = None) -> None:
+        """Send one datagram to `addr`: over a relay circuit if it names one, else from the socket
+        pinned to it or the main socket. With `ttl`, the datagram dies after that many routers
+        (a hole punch's primer: it opens this side's NAT mapping without reaching the far NAT)."""
+        circuit = self._circuits.get(addr)
+        if circuit is not None:
+            circuit(data)
+            return
+        transport = self._pinned.get(addr)
+        if transport is None:
+            transport = self._sockets.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+        if transport is not None:
+            self.send_from(transport, data, addr, ttl)
+
+    def send_from(self, transport: asyncio.DatagramTransport, data: bytes, addr: Address,
+                  ttl: int | None = None) -> None:
+        """Send one datagram from a given socket of this endpoint (main or extra)."""
+        if transport.is_closing():
+            return
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-        sock = self._sockets.get(family)
-        if sock is not None and not sock.is_closing():
-            sock.sendto(data, addr)
+        if ttl is None:
+            transport.sendto(data, addr)
+            return
+        level, option = ((socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT) if family == socket.AF_INET6
+                         else (socket.IPPROTO_IP, socket.IP_TTL))
+        # The transport's socket wrapper has no sendmsg: use the socket object we bound.
+        sock = self._extra.get(transport) or self._raw[family]
+        try:
+            sock.sendmsg([data], [(level, option, struct.pack("i", ttl))], 0, addr)
+        except OSError as exc:
+            log.debug("primer to %s failed: %s", addr, exc)  # best effort, as UDP is
+
+    # --- other paths: relay circuits and extra sockets --------------------------------------
+
+    def add_circuit(self, addr: Address, carry: Callable[[bytes], None]) -> None:
+        """Route datagrams for the pseudo-address `addr` through `carry` (a relay circuit)."""
+        self._circuits[addr] = carry
+
+    def remove_circuit(self, addr: Address) -> None:
+        """Forget a circuit, closing the connections that ran over it."""
+        self._circuits.pop(addr, None)
+        for conn in [c for c in self._live if c.addr == addr]:
+            conn.close(ErrorCode.NO_ERROR, "relay circuit closed")
+
+    async def open_extra_socket(self) -> asyncio.DatagramTransport:
+        """Another IPv4 socket on a random port whose datagrams this endpoint serves too (the hard
+        side of birthday probing opens many, each a different public port on its NAT)."""
+        loop = asyncio.get_running_loop()
+        sock = _bind(socket.AF_INET, "0.0.0.0", 0)
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Socket(self), sock=sock)
+        self._extra[transport] = sock
+        return transport
+
+    def close_extra_socket(self, transport: asyncio.DatagramTransport) -> None:
+        """Close an extra socket unless a connection's path runs through it."""
+        if transport in self._pinned.values():
+            return
+        self._extra.pop(transport, None)
+        transport.close()
+
+    def pin(self, addr: Address, transport: asyncio.DatagramTransport) -> None:
+        """Send whatever goes to `addr` from `transport` (the extra socket a punch succeeded on)."""
+        self._pinned[addr] = transport
 
     # --- routing ----------------------------------------------------------------------------
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def datagram_received(self, data: bytes, addr: Any, via: Any = None) -> None:
+        """Route one datagram (from a socket, or `via` a relay circuit) to its connection."""
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
             if self.raw_datagram_handler is not None:
-                self.raw_datagram_handler(data, addr)
+                self.raw_datagram_handler(data, addr, via)
             return
         conn = self._routes.get(header.destination_cid)
         if conn is None:
@@ -187,10 +263,15 @@ class Endpoint:
         """
         if expected is not None:
             existing = self.peers.get(expected)
-            if existing is not None and existing.is_established:
+            # A relayed connection is reused only for another relayed dial: a direct dial is
+            # how it gets replaced.
+            if (existing is not None and existing.is_established
+                    and (not existing.is_relayed or addr in self._circuits)):
                 return existing
-        addr = await _resolve(addr)
-        if (socket.AF_INET6 if ":" in addr[0] else socket.AF_INET) not in self._sockets:
+        if addr not in self._circuits:
+            addr = await _resolve(addr)
+        if (addr not in self._circuits and addr not in self._pinned
+                and (socket.AF_INET6 if ":" in addr[0] else socket.AF_INET) not in self._sockets):
             raise TransportError(f"no socket of {addr[0]}'s address family; listen on one first")
         quic = MutualQuicConnection(configuration=self._client_config)
         conn = PeerConnection(self, quic, addr, expected)
@@ -239,13 +320,19 @@ class Endpoint:
         existing = self.peers.get(conn.peer_id)
         if existing is None or existing is conn or existing.closed.done():
             self.peers[conn.peer_id] = conn
-            return
-        keep = self._preferred(existing, conn)
-        loser = conn if keep is existing else existing
-        self.peers[conn.peer_id] = keep
-        loser.close(ErrorCode.DUPLICATE_CONNECTION, "duplicate connection")
+        else:
+            keep = self._preferred(existing, conn)
+            loser = conn if keep is existing else existing
+            self.peers[conn.peer_id] = keep
+            loser.close(ErrorCode.DUPLICATE_CONNECTION, "duplicate connection")
+            if keep is existing:
+                return
+        for handler in self.authenticated_handlers:
+            handler(conn)
 
     def _preferred(self, old: PeerConnection, new: PeerConnection) -> PeerConnection:
+        if old.is_relayed != new.is_relayed:
+            return old if new.is_relayed else new  # a direct path replaces a relayed one
         if old.is_client == new.is_client:
             return new  # a redial (say, after the peer restarted): the old one is stale
         # Opposite directions: keep the one dialled by the smaller node id, on both ends.
@@ -254,12 +341,18 @@ class Endpoint:
 
     def on_closed(self, conn: PeerConnection) -> None:
         self._live.discard(conn)
+        pinned = self._pinned.get(conn.addr)
+        if pinned is not None and not any(c.addr == conn.addr for c in self._live):
+            del self._pinned[conn.addr]
+            self.close_extra_socket(pinned)
         for cid in [cid for cid, c in self._routes.items() if c is conn]:
             del self._routes[cid]
         if conn.peer_id is not None and self.peers.get(conn.peer_id) is conn:
             del self.peers[conn.peer_id]
         if self.connection_closed_handler is not None:
             self.connection_closed_handler(conn)
+        for handler in self.closed_handlers:
+            handler(conn)
 
     def record_misbehaviour(self, conn: PeerConnection, what: str) -> None:
         """Count a malformed message against the peer that sent it (by node id, else address)."""
@@ -291,11 +384,17 @@ class Endpoint:
             await asyncio.wait(handlers, timeout=HANDLER_UNWIND_S)
         for conn in live:
             conn.drop()
+        for transport in self._extra:
+            transport.close()
+        self._extra.clear()
+        self._pinned.clear()
+        self._circuits.clear()
         for transport in self._sockets.values():
             transport.close()
         # The socket itself is closed a loop iteration later; wait, so the port is free on return.
         await asyncio.gather(*(t.get_protocol().closed for t in self._sockets.values()))
         self._sockets.clear()
+        self._raw.clear()
         self._routes.clear()
         self._live.clear()
         self.peers.clear()

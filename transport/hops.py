@@ -1,0 +1,88 @@
+"""How many routers lie between this host and a far NAT, measured as traceroute does.
+
+Hole punching through Linux NATs needs it. A packet that reaches the far NAT before that NAT
+has a mapping for the flow makes conntrack record the flow as inbound, and the far side's own
+packet then leaves with a different public port, so the punch fails. A "primer" sent with a TTL
+one short of the far NAT opens this side's mapping(s) and dies before it can do that harm. The
+right TTL is the hop count to the far NAT minus one: found here by sending UDP probes with TTL
+1, 2, ... from throwaway sockets and reading the ICMP "time exceeded" answers from the socket's
+error queue (IP_RECVERR, Linux). The throwaway sockets' own flows differ from the node's, so a
+probe that does reach the far NAT spoils nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import sys
+
+log = logging.getLogger(__name__)
+
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
+SO_EE_ORIGIN_ICMP = 2
+ICMP_TIME_EXCEEDED = 11
+# struct sock_extended_err: errno, origin, type, code, pad, info, data.
+_EXTENDED_ERR = struct.Struct("=IBBBBII")
+MAX_TTL = 8
+PROBE_WAIT_S = 0.4
+
+
+def supported() -> bool:
+    """Whether this platform reports ICMP errors per socket (Linux)."""
+    return sys.platform.startswith("linux")
+
+
+def _read_errors(sock: socket.socket) -> list[int]:
+    """The ICMP types queued on the socket's error queue."""
+    types: list[int] = []
+    while True:
+        try:
+            _, ancdata, _, _ = sock.recvmsg(64, 512, MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return types
+        except OSError:
+            return types
+        for level, kind, data in ancdata:
+            if level == socket.IPPROTO_IP and kind == IP_RECVERR and len(data) >= _EXTENDED_ERR.size:
+                _, origin, icmp_type, _, _, _, _ = _EXTENDED_ERR.unpack_from(data)
+                if origin == SO_EE_ORIGIN_ICMP:
+                    types.append(icmp_type)
+
+
+async def hops_to(ip: str, port: int, max_ttl: int = MAX_TTL, wait_s: float = PROBE_WAIT_S) -> int | None:
+    """The TTL at which a probe to ip:port stops drawing "time exceeded": the far host's (or far
+    NAT's) hop count. None where it cannot be measured (not Linux, IPv6, no ICMP at all)."""
+    if not supported() or ":" in ip:
+        return None
+    sockets: list[socket.socket] = []
+    try:
+        for ttl in range(1, max_ttl + 1):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockets.append(sock)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            with contextlib.suppress(OSError):
+                sock.sendto(b"\x00hmnode-hop-probe", (ip, port))
+        await asyncio.sleep(wait_s)
+        exceeded = [ICMP_TIME_EXCEEDED in _read_errors(sock) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+    if not any(exceeded):
+        return None  # nobody answers: the measure says nothing
+    for ttl, was_exceeded in enumerate(exceeded, start=1):
+        if not was_exceeded:
+            return ttl
+    return None
+
+
+def primer_ttl(far_hops: int | None, default: int = 2) -> int:
+    """The TTL for primers: one hop short of the far NAT (the default when unmeasured)."""
+    if far_hops is None:
+        return default
+    return max(1, far_hops - 1)

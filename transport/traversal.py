@@ -1,0 +1,883 @@
+"""NAT traversal over the node's QUIC endpoint: observed addresses, dial-backs, relay, punching.
+
+The asyncio shell around the sans-IO pieces (`reachability`, `relay`, `punch`). In the order a
+node uses them:
+
+1. Observed addresses: every new direct connection asks the peer `nat.observe` (the address it
+   sees us from). A public peer also answers a raw probe on a second port, so that one public
+   peer suffices to tell an endpoint-independent mapping (cone) from a symmetric one.
+2. Dial-back (AutoNAT v2): a peer sends a nonce to our observed address from a port we never
+   talked to; if it arrives, the address is confirmed and advertised as direct.
+3. Relay: a node that is not confirmed public reserves a slot on a public peer and advertises
+   `RELAY@HOST:PORT/relay`. A dialer opens a circuit there; the relay forwards QUIC packets it
+   cannot read (relay.data notifications), and the two ends run their own authenticated QUIC
+   connection over it.
+4. Upgrade (DCUtR): over the relayed connection the two ends exchange candidates and NAT kinds
+   and open a direct path (`punch`); the direct connection replaces the relayed one.
+5. Keeping paths: a punched path is pinged often; when it goes silent it is closed, the peer is
+   reached through the relay again, and direct is retried about every minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hmnode.identity import NodeId, NodeKey
+from hmnode.transport import hops
+from hmnode.transport.connection import RELAYED_PREFIX, Address, PeerConnection, RemoteError, TransportError
+from hmnode.transport.endpoint import Endpoint
+from hmnode.transport.punch import (BirthdayPlan, PunchStrategy, choose_strategy, MAX_PUNCH_ADDRESSES)
+from hmnode.transport.reachability import (DialBackRefused, ObservedAddresses, Reachability,
+                                           check_dial_back, format_address, normalise_ip)
+from hmnode.transport.relay import RelayedAddress, RelayLimits, RelayRefused, RelayService, is_relayed
+from hmnode.transport.wire import ErrorCode
+
+log = logging.getLogger(__name__)
+
+# Raw datagrams (not QUIC: the first byte has QUIC's fixed bit clear).
+DIAL_BACK = b"\x00HMDB"
+PUNCH_PROBE = b"\x00HMPU"
+PRIMER = b"\x00HMPR"
+OBSERVE_ASK = b"\x00HMOA"
+OBSERVE_ANSWER = b"\x00HMOR"
+NONCE_BYTES = 16
+RPC_TIMEOUT_S = 5.0
+MAX_DIAL_BACKS_SERVED = 8
+
+
+@dataclass(frozen=True)
+class TraversalConfig:
+    """NAT traversal settings; the defaults hold NAT bindings (30 s at the least) open."""
+
+    relay: RelayLimits = RelayLimits()
+    reserve: bool = True  # a node that is not public keeps a relay reservation
+    observe_peers: int = 8
+    dial_back_every_s: float = 300.0
+    dial_back_wait_s: float = 2.0
+    punch_attempts: int = 3
+    punch_timeout_s: float = 4.0
+    direct_retry_s: float = 60.0
+    # Punched paths are pinged this often, and given up when silent this long, so that a lost
+    # NAT binding is noticed and the peer reached through the relay within seconds.
+    path_ping_s: float = 1.0
+    path_dead_s: float = 4.0
+    birthday: BirthdayPlan = BirthdayPlan()
+    tick_s: float = 1.0
+
+
+@dataclass
+class _Reservation:
+    relay: NodeId
+    addr: Address
+    expires_at: float
+
+
+@dataclass
+class _Circuit:
+    relay: NodeId
+    cid: int
+    pseudo: Address
+    peer: NodeId | None
+
+
+@dataclass
+class _Birthday:
+    """The hard side's sockets of one birthday probe, waiting for the easy side's probe."""
+
+    nonce: bytes
+    peer: NodeId
+    sockets: list[Any]
+    hit: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class NatTraversal:
+    """Finds, opens and keeps the best path to each peer over one endpoint."""
+
+    def __init__(self, endpoint: Endpoint, key: NodeKey, config: TraversalConfig = TraversalConfig(),
+                 rng: random.Random | None = None,
+                 addresses_of: Callable[[NodeId], list[str]] | None = None,
+                 on_addresses_changed: Callable[[], None] | None = None) -> None:
+        self.endpoint = endpoint
+        self.me = key.node_id
+        self.config = config
+        self.rng = rng or random.Random()
+        self.addresses_of = addresses_of or (lambda node: [])
+        self.on_addresses_changed = on_addresses_changed or (lambda: None)
+        self.observed = ObservedAddresses()
+        self.relay_service = RelayService(config.relay)
+        self.reservation: _Reservation | None = None
+        self.relay_candidates: list[tuple[Address, NodeId | None]] = []
+        self._circuits: dict[tuple[NodeId, int], _Circuit] = {}
+        self._dial_backs: dict[bytes, asyncio.Future] = {}
+        self._observe_asks: dict[bytes, NodeId] = {}
+        self._birthdays: dict[bytes, _Birthday] = {}
+        self._dial_backs_served = 0
+        self._dial_back_failed_at: float | None = None
+        self._dial_back_at = 0.0
+        self._observed_from: set[NodeId] = set()
+        self._alt_socket: Any = None
+        self._punched: dict[NodeId, PeerConnection] = {}
+        self._upgrading: dict[NodeId, asyncio.Task] = {}
+        self._next_direct_try: dict[NodeId, float] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._hops: dict[str, int | None] = {}
+        self.time_to_direct_ms: dict[NodeId, float] = {}
+        self._install()
+
+    # --- wiring -----------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        handlers = self.endpoint.handlers
+        handlers.rpc = {**handlers.rpc, "nat.observe": self._serve_observe,
+                        "nat.dialback": self._serve_dial_back, "relay.reserve": self._serve_reserve,
+                        "relay.connect": self._serve_connect, "punch.start": self._serve_punch,
+                        "punch.spray": self._serve_spray}
+        inner = handlers.notify
+
+        def notify(conn: PeerConnection, topic: str, body: Any) -> None:
+            if topic.startswith("relay."):
+                self._on_relay_notify(conn, topic, body)
+            elif inner is not None:
+                inner(conn, topic, body)
+
+        handlers.notify = notify
+        self.endpoint.raw_datagram_handler = self._on_raw
+        self.endpoint.authenticated_handlers.append(self._on_authenticated)
+        self.endpoint.closed_handlers.append(self._on_closed)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @staticmethod
+    def _now() -> float:
+        return time.monotonic()
+
+    # --- what this node knows of itself -----------------------------------------------------
+
+    @property
+    def reachability(self) -> Reachability:
+        return self.observed.reachability(self._now())
+
+    def advertised(self, local: list[str]) -> list[str]:
+        """This node's addresses for its advert: confirmed direct ones, the relayed one, then
+        the local interfaces' (reachable on the same LAN)."""
+        now = self._now()
+        out = [format_address(a) for a in self.observed.confirmed(now)]
+        if self.reservation is not None:
+            out.append(str(RelayedAddress(self.reservation.relay, *self.reservation.addr)))
+        out.extend(a for a in local if a not in out)
+        return out[:16]
+
+    def candidates(self) -> list[Address]:
+        """Where a peer might reach this node directly: observed, then bound interface addresses."""
+        now = self._now()
+        out = list(self.observed.confirmed(now)) + self.observed.addresses(now)
+        for text in self.addresses_of(self.me):
+            if not is_relayed(text):
+                with contextlib.suppress(ValueError):
+                    out.append(_parse(text))
+        seen: list[Address] = []
+        for a in out:
+            if a not in seen:
+                seen.append(a)
+        return seen[:MAX_PUNCH_ADDRESSES]
+
+    def status(self) -> dict[str, Any]:
+        """For `hmnode status`: reachability, observed addresses, the reservation, the relay."""
+        now = self._now()
+        res = self.reservation
+        return {**self.observed.snapshot(now),
+                "relay": None if res is None else {
+                    "relay": str(res.relay), "address": str(RelayedAddress(res.relay, *res.addr)),
+                    "expires_in_s": round(res.expires_at - now, 1)},
+                "relay_service": self.relay_service.snapshot(now)}
+
+    def path_of(self, conn: PeerConnection) -> dict[str, Any]:
+        """For `hmnode peers`: direct or relayed, and through which relay."""
+        if conn.is_relayed:
+            circuit = next((c for c in self._circuits.values() if c.pseudo == conn.addr), None)
+            return {"path": "relayed", "relay": str(circuit.relay) if circuit else None}
+        return {"path": "direct", "relay": None}
+
+    def dial_address(self, conn: PeerConnection) -> str:
+        """An address others can dial this peer at, as membership passes it on."""
+        if conn.is_relayed:
+            circuit = next((c for c in self._circuits.values() if c.pseudo == conn.addr), None)
+            relay_conn = self.endpoint.peers.get(circuit.relay) if circuit else None
+            if circuit is not None and relay_conn is not None and not relay_conn.is_relayed:
+                return str(RelayedAddress(circuit.relay, *relay_conn.addr[:2]))
+            known = self.addresses_of(conn.peer_id) if conn.peer_id else []
+            return known[0] if known else f"{conn.addr[0]}:{conn.addr[1]}"
+        return format_address(conn.addr[:2])
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep reachability known, the reservation held and punched paths alive."""
+        try:
+            while True:
+                try:
+                    await self._tick()
+                except Exception:  # one bad tick must not end traversal for the node's life
+                    log.exception("NAT traversal step failed")
+                await asyncio.sleep(self.config.tick_s)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for bday in self._birthdays.values():
+                for sock in bday.sockets:
+                    self.endpoint.close_extra_socket(sock)
+            if self._alt_socket is not None:
+                self.endpoint.close_extra_socket(self._alt_socket)
+
+    async def _tick(self) -> None:
+        now = self._now()
+        self.relay_service.expire(now)
+        if now - self._dial_back_at > self.config.dial_back_every_s or (
+                self._dial_back_at == 0 and self.observed.addresses(now)):
+            if self.observed.addresses(now) and "dialback" not in _names(self._tasks):
+                self._dial_back_at = now
+                self._spawn(self._check_reachability(), "dialback")
+        if self.reachability == Reachability.PUBLIC:
+            if self._alt_socket is None:
+                self._alt_socket = await self.endpoint.open_extra_socket()
+            if self.reservation is not None:
+                self.reservation = None
+                self.on_addresses_changed()
+        elif self.config.reserve and self._wants_relay(now) and "reserve" not in _names(self._tasks):
+            self._spawn(self._keep_reservation(now), "reserve")
+        self._keep_paths(now)
+
+    def _wants_relay(self, now: float) -> bool:
+        res = self.reservation
+        if res is not None:
+            conn = self.endpoint.peers.get(res.relay)
+            lost = conn is None or not conn.is_established or conn.is_relayed
+            return lost or res.expires_at - now < self.config.relay.reservation_s / 2
+        # Not public: a dial-back failed, or the mapping alone says NAT.
+        return (self._dial_back_failed_at is not None
+                or self.observed.mapping(now) == Reachability.SYMMETRIC)
+
+    # --- observed addresses and dial-backs --------------------------------------------------
+
+    def _on_authenticated(self, conn: PeerConnection) -> None:
+        if conn.is_relayed or conn.peer_id is None or conn.peer_id in self._observed_from:
+            return
+        if len(self._observed_from) >= self.config.observe_peers:
+            return
+        self._observed_from.add(conn.peer_id)
+        self._spawn(self._observe(conn), f"observe-{conn.peer_id.short()}")
+
+    async def _observe(self, conn: PeerConnection) -> None:
+        try:
+            answer = await conn.request("nat.observe", None, timeout=RPC_TIMEOUT_S)
+            seen = (str(answer["addr"][0]), int(answer["addr"][1]))
+        except (TransportError, KeyError, TypeError, ValueError, IndexError) as exc:
+            log.debug("no observed address from %r: %s", conn, exc)
+            self._observed_from.discard(conn.peer_id)  # type: ignore[arg-type]
+            return
+        assert conn.peer_id is not None
+        if self.observed.observe(str(conn.peer_id), conn.addr[0], seen, self._now()):
+            log.info("observed address %s (reported by %s)", format_address(seen), conn.peer_id.short())
+            self.on_addresses_changed()
+        alt = answer.get("alt") if isinstance(answer, dict) else None
+        if isinstance(alt, int) and 0 < alt < 65536:
+            # The same peer on another port: a symmetric NAT maps that to another public port.
+            nonce = self.rng.randbytes(NONCE_BYTES)
+            self._observe_asks[nonce] = conn.peer_id
+            for _ in range(3):
+                self.endpoint.send_raw(OBSERVE_ASK + nonce, (conn.addr[0], alt))
+                await asyncio.sleep(0.2)
+                if nonce not in self._observe_asks:
+                    break
+            self._observe_asks.pop(nonce, None)
+
+    async def _serve_observe(self, conn: PeerConnection, body: Any) -> dict[str, Any]:
+        answer: dict[str, Any] = {"addr": [conn.addr[0], conn.addr[1]]}
+        if self._alt_socket is not None and not conn.is_relayed:
+            answer["alt"] = self._alt_socket.get_extra_info("sockname")[1]
+        return answer
+
+    async def _check_reachability(self) -> None:
+        """Ask a directly connected peer to dial back our most observed address."""
+        now = self._now()
+        candidates = self.observed.addresses(now)[:2]
+        helpers = [c for c in self.endpoint.peers.values() if c.is_established and not c.is_relayed]
+        if not candidates or not helpers:
+            self._dial_back_at = 0.0
+            return
+        for target in candidates:
+            helper = self.rng.choice(helpers)
+            nonce = self.rng.randbytes(NONCE_BYTES)
+            waiter = asyncio.get_running_loop().create_future()
+            self._dial_backs[nonce] = waiter
+            padding = b"" if normalise_ip(target[0]) == normalise_ip(helper.addr[0]) else bytes(30_000)
+            try:
+                await helper.request("nat.dialback", {"addr": list(target), "nonce": nonce,
+                                                      "pad": padding}, timeout=RPC_TIMEOUT_S)
+                await asyncio.wait_for(waiter, self.config.dial_back_wait_s)
+            except (TransportError, TimeoutError) as exc:
+                log.info("dial-back to %s did not arrive (%s): not reachable there unasked",
+                         format_address(target), exc or "timed out")
+                self.observed.unconfirm(target)
+                self._dial_back_failed_at = self._now()
+                continue
+            finally:
+                self._dial_backs.pop(nonce, None)
+            was_public = self.reachability == Reachability.PUBLIC
+            self.observed.confirm(target, self._now())
+            if not was_public:
+                log.info("reachable at %s (a dial-back from %s arrived): public",
+                         format_address(target), helper.peer_id.short() if helper.peer_id else "?")
+                self.on_addresses_changed()
+
+    async def _serve_dial_back(self, conn: PeerConnection, body: Any) -> dict[str, Any]:
+        try:
+            target = (str(body["addr"][0]), int(body["addr"][1]))
+            nonce = bytes(body["nonce"])[:NONCE_BYTES]
+            padding = len(body.get("pad") or b"")
+            check_dial_back(conn.addr[0], target, padding)
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise RemoteError("bad_request", "nat.dialback takes {addr: [ip, port], nonce, pad}") from None
+        except DialBackRefused as exc:
+            raise RemoteError("refused", str(exc)) from None
+        if conn.is_relayed:
+            raise RemoteError("refused", "no dial-backs over a relay")
+        if self._dial_backs_served >= MAX_DIAL_BACKS_SERVED:
+            raise RemoteError("busy", "too many dial-backs in progress; try later")
+        self._dial_backs_served += 1
+        try:
+            # From a port the requester never talked to: only an open (or forwarded) port sees it.
+            sock = await self.endpoint.open_extra_socket()
+            try:
+                for delay in (0.0, 0.2, 0.5):
+                    await asyncio.sleep(delay)
+                    sock.sendto(DIAL_BACK + nonce, target)
+            finally:
+                self.endpoint.close_extra_socket(sock)
+        finally:
+            self._dial_backs_served -= 1
+        return {"sent": 3}
+
+    def _on_raw(self, data: bytes, addr: Address, via: Any) -> None:
+        kind, rest = data[:5], data[5:]
+        if kind == DIAL_BACK:
+            waiter = self._dial_backs.get(rest[:NONCE_BYTES])
+            if waiter is not None and not waiter.done():
+                waiter.set_result(addr)
+        elif kind == OBSERVE_ASK and via is not None and via is self._alt_socket:
+            # Answer from the alternate port: where did this come from?
+            seen = f"{addr[0]}|{addr[1]}".encode()
+            via.sendto(OBSERVE_ANSWER + rest[:NONCE_BYTES] + seen, addr)
+        elif kind == OBSERVE_ANSWER:
+            reporter = self._observe_asks.pop(rest[:NONCE_BYTES], None)
+            if reporter is None:
+                return
+            try:
+                host, port = rest[NONCE_BYTES:].decode().split("|")
+                seen = (host, int(port))
+            except ValueError:
+                return
+            if self.observed.observe(f"{reporter}/alt", f"{addr[0]}|{addr[1]}", seen, self._now()):
+                self.on_addresses_changed()
+        elif kind == PUNCH_PROBE:
+            bday = self._birthdays.get(rest[:NONCE_BYTES])
+            if bday is not None and via in bday.sockets and not bday.hit.done():
+                bday.hit.set_result((addr, via))
+
+    # --- relay: the serving side ------------------------------------------------------------
+
+    async def _serve_reserve(self, conn: PeerConnection, body: Any) -> dict[str, Any]:
+        if conn.is_relayed or conn.peer_id is None:
+            raise RemoteError("refused", "reserve over a direct connection")
+        if self.reachability != Reachability.PUBLIC:
+            raise RemoteError("refused", "this node is not publicly reachable, so it relays nothing")
+        try:
+            until = self.relay_service.reserve(conn.peer_id, self._now())
+        except RelayRefused as exc:
+            raise RemoteError("refused", str(exc)) from None
+        return {"expires_in_s": until - self._now(), "limits": {
+            "circuit_bytes": self.config.relay.circuit_bytes, "circuit_s": self.config.relay.circuit_s}}
+
+    async def _serve_connect(self, conn: PeerConnection, body: Any) -> dict[str, Any]:
+        try:
+            target = NodeId(bytes(body["to"]))
+        except (KeyError, TypeError, ValueError):
+            raise RemoteError("bad_request", "relay.connect takes {to: node key}") from None
+        if conn.peer_id is None or conn.is_relayed:
+            raise RemoteError("refused", "connect over a direct connection")
+        dst = self.endpoint.peers.get(target)
+        if dst is None or not dst.is_established or dst.is_relayed:
+            self.relay_service.release(target)
+            raise RemoteError("refused", f"{target.short()} is not connected to this relay")
+        try:
+            circuit = self.relay_service.open(conn.peer_id, target, self._now())
+        except RelayRefused as exc:
+            raise RemoteError("refused", str(exc)) from None
+        log.debug("relay circuit %d: %s -> %s", circuit.cid, conn.peer_id.short(), target.short())
+        return {"c": circuit.cid}
+
+    def _relay_forward(self, conn: PeerConnection, body: dict[str, Any]) -> bool:
+        """As the relay: carry one packet to the circuit's other end. False if not ours."""
+        cid = body.get("c")
+        if not isinstance(cid, int) or cid not in self.relay_service.circuits or conn.peer_id is None:
+            return False
+        data = body.get("d")
+        if not isinstance(data, bytes):
+            return True
+        circuit = self.relay_service.circuits[cid]
+        if conn.peer_id not in (circuit.src, circuit.dst):
+            return False
+        try:
+            other, over = self.relay_service.carry(cid, conn.peer_id, len(data), self._now())
+        except RelayRefused:
+            return True
+        out = self.endpoint.peers.get(other)
+        if over is not None or out is None or out.is_relayed:
+            self._close_served_circuit(cid, over or "the other end left the relay")
+            return True
+        message: dict[str, Any] = {"c": cid, "d": data}
+        if other == circuit.dst:
+            message["f"] = circuit.src.key
+        with contextlib.suppress(TransportError):
+            out.notify("relay.data", message)
+        return True
+
+    def _close_served_circuit(self, cid: int, reason: str) -> None:
+        circuit = self.relay_service.close(cid)
+        if circuit is None:
+            return
+        for end in (circuit.src, circuit.dst):
+            conn = self.endpoint.peers.get(end)
+            if conn is not None and conn.is_established:
+                with contextlib.suppress(TransportError):
+                    conn.notify("relay.close", {"c": cid, "reason": reason})
+
+    # --- relay: the using side --------------------------------------------------------------
+
+    def _on_relay_notify(self, conn: PeerConnection, topic: str, body: Any) -> None:
+        if conn.peer_id is None or not isinstance(body, dict):
+            self.endpoint.record_misbehaviour(conn, f"malformed {topic}")
+            return
+        if topic == "relay.data":
+            if self._relay_forward(conn, body):
+                return
+            self._circuit_data(conn.peer_id, body)
+        elif topic == "relay.close":
+            cid = body.get("c")
+            if isinstance(cid, int):
+                if cid in self.relay_service.circuits:
+                    circuit = self.relay_service.circuits[cid]
+                    if conn.peer_id in (circuit.src, circuit.dst):
+                        self._close_served_circuit(cid, "closed by one end")
+                        return
+                self._drop_circuit(conn.peer_id, cid)
+        else:
+            self.endpoint.record_misbehaviour(conn, f"unknown topic {topic!r}")
+
+    def _circuit_data(self, relay: NodeId, body: dict[str, Any]) -> None:
+        cid, data = body.get("c"), body.get("d")
+        if not isinstance(cid, int) or not isinstance(data, bytes):
+            return
+        circuit = self._circuits.get((relay, cid))
+        if circuit is None:
+            # A circuit opened to us: only through the relay we reserved on.
+            if self.reservation is None or self.reservation.relay != relay:
+                return
+            try:
+                src = NodeId(bytes(body.get("f") or b""))
+            except (TypeError, ValueError):
+                return
+            circuit = self._add_circuit(relay, cid, src)
+        self.endpoint.datagram_received(data, circuit.pseudo, via="relay")
+
+    def _add_circuit(self, relay: NodeId, cid: int, peer: NodeId | None) -> _Circuit:
+        pseudo = (f"{RELAYED_PREFIX}{relay}/{cid}", 0)
+        circuit = _Circuit(relay, cid, pseudo, peer)
+        self._circuits[(relay, cid)] = circuit
+
+        def carry(data: bytes) -> None:
+            conn = self.endpoint.peers.get(relay)
+            if conn is None or not conn.is_established or conn.is_relayed:
+                return
+            with contextlib.suppress(TransportError):
+                conn.notify("relay.data", {"c": cid, "d": data})
+
+        self.endpoint.add_circuit(pseudo, carry)
+        return circuit
+
+    def _drop_circuit(self, relay: NodeId, cid: int) -> None:
+        circuit = self._circuits.pop((relay, cid), None)
+        if circuit is not None:
+            self.endpoint.remove_circuit(circuit.pseudo)
+
+    def _on_closed(self, conn: PeerConnection) -> None:
+        if conn.peer_id is None:
+            return
+        if conn.peer_id not in self.endpoint.peers:
+            for circuit in self.relay_service.close_peer(conn.peer_id):
+                other = circuit.dst if circuit.src == conn.peer_id else circuit.src
+                out = self.endpoint.peers.get(other)
+                if out is not None and out.is_established:
+                    with contextlib.suppress(TransportError):
+                        out.notify("relay.close", {"c": circuit.cid, "reason": "other end left"})
+            for relay, cid in [k for k in self._circuits if k[0] == conn.peer_id]:
+                self._drop_circuit(relay, cid)
+        if self._punched.get(conn.peer_id) is conn:
+            del self._punched[conn.peer_id]
+        if conn.is_relayed:
+            for key, circuit in list(self._circuits.items()):
+                if circuit.pseudo == conn.addr:
+                    self._drop_circuit(*key)
+                    relay_conn = self.endpoint.peers.get(circuit.relay)
+                    if relay_conn is not None and relay_conn.is_established:
+                        with contextlib.suppress(TransportError):
+                            relay_conn.notify("relay.close", {"c": circuit.cid})
+
+    async def _keep_reservation(self, now: float) -> None:
+        """Reserve (or renew) a slot on a public peer: a known relay first, then any peer."""
+        tried: list[NodeId] = []
+        if self.reservation is not None:
+            tried.append(self.reservation.relay)
+        order = [peer for _, peer in self.relay_candidates if peer is not None]
+        order += [p for p, c in self.endpoint.peers.items() if not c.is_relayed and p not in order]
+        if self.reservation is not None:
+            order.insert(0, self.reservation.relay)
+        for peer in dict.fromkeys(order):
+            conn = self.endpoint.peers.get(peer)
+            if conn is None:
+                addr = next((a for a, p in self.relay_candidates if p == peer), None)
+                if addr is None:
+                    continue
+                try:
+                    conn = await self.endpoint.connect(addr, peer, timeout=RPC_TIMEOUT_S)
+                except TransportError:
+                    continue
+            if conn.is_relayed or not conn.is_established:
+                continue
+            try:
+                answer = await conn.request("relay.reserve", {}, timeout=RPC_TIMEOUT_S)
+                expires = float(answer["expires_in_s"])
+            except (TransportError, KeyError, TypeError, ValueError):
+                continue
+            changed = self.reservation is None or self.reservation.relay != peer
+            self.reservation = _Reservation(peer, conn.addr[:2], self._now() + expires)  # type: ignore[arg-type]
+            if changed:
+                log.info("relay reservation on %s at %s", peer.short(), format_address(conn.addr[:2]))
+                self.on_addresses_changed()
+            return
+        if self.reservation is not None:
+            conn = self.endpoint.peers.get(self.reservation.relay)
+            if conn is None or not conn.is_established:
+                log.info("lost the relay reservation on %s", self.reservation.relay.short())
+                self.reservation = None
+                self.on_addresses_changed()
+
+    # --- connecting to a peer ---------------------------------------------------------------
+
+    async def connect(self, peer: NodeId, hint: str | None = None,
+                      timeout: float = 10.0) -> PeerConnection:
+        """The best connection to `peer` now: an open one, a direct dial where the peer is
+        reachable, else through its relay (then upgraded to direct in the background)."""
+        existing = self.endpoint.peers.get(peer)
+        if existing is not None and existing.is_established:
+            return existing
+        texts = list(self.addresses_of(peer)) or ([hint] if hint else [])
+        relayed = []
+        direct: list[Address] = []
+        for text in texts:
+            with contextlib.suppress(ValueError):
+                if is_relayed(text):
+                    relayed.append(RelayedAddress.parse(text))
+                else:
+                    direct.append(_parse(text))
+        errors: list[str] = []
+        if direct and not relayed:
+            try:
+                return await self._dial_any(peer, direct, timeout)
+            except TransportError as exc:
+                errors.append(str(exc))
+        for address in relayed:
+            try:
+                conn = await self.connect_relayed(peer, address, timeout)
+            except TransportError as exc:
+                errors.append(str(exc))
+                continue
+            self.upgrade_later(peer, delay=0.0)
+            return conn
+        if direct and relayed:
+            try:
+                return await self._dial_any(peer, direct, min(timeout, 3.0))
+            except TransportError as exc:
+                errors.append(str(exc))
+        raise TransportError(f"cannot reach {peer.short()}: " + ("; ".join(errors) or "no address known"))
+
+    async def _dial_any(self, peer: NodeId, addresses: list[Address], timeout: float) -> PeerConnection:
+        """Dial every address at once; the first authenticated connection wins."""
+        tasks = [asyncio.ensure_future(self.endpoint.connect(a, peer, timeout=timeout))
+                 for a in addresses[:MAX_PUNCH_ADDRESSES]]
+        errors = []
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                try:
+                    return await next_done
+                except TransportError as exc:
+                    errors.append(str(exc))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        raise TransportError("; ".join(errors) or "no address to dial")
+
+    async def connect_relayed(self, peer: NodeId, address: RelayedAddress,
+                              timeout: float = 10.0) -> PeerConnection:
+        """Open a circuit through `address`'s relay and a QUIC connection to `peer` over it."""
+        if address.relay == self.me:
+            raise TransportError(f"{peer.short()} is relayed by this node, and is not connected to it")
+        relay = await self.endpoint.connect((address.host, address.port), address.relay, timeout=timeout)
+        try:
+            answer = await relay.request("relay.connect", {"to": peer.key}, timeout=RPC_TIMEOUT_S)
+            cid = int(answer["c"])
+        except RemoteError as exc:
+            raise TransportError(f"relay {address.relay.short()} refused: {exc}") from None
+        except (KeyError, TypeError, ValueError):
+            raise TransportError(f"relay {address.relay.short()} answered nonsense") from None
+        circuit = self._add_circuit(address.relay, cid, peer)
+        try:
+            return await self.endpoint.connect(circuit.pseudo, peer, timeout=timeout)
+        except TransportError:
+            self._drop_circuit(address.relay, cid)
+            raise
+
+    # --- upgrading a relayed connection to a direct path ------------------------------------
+
+    def upgrade_later(self, peer: NodeId, delay: float) -> None:
+        """Try to replace the relayed connection to `peer` by a direct one (once at a time)."""
+        if peer in self._upgrading:
+            return
+        self._upgrading[peer] = self._spawn(self._upgrade(peer, delay), f"upgrade-{peer.short()}")
+
+    async def _upgrade(self, peer: NodeId, delay: float) -> None:
+        started = self._now()
+        try:
+            await asyncio.sleep(delay)
+            for attempt in range(1, self.config.punch_attempts + 1):
+                conn = self.endpoint.peers.get(peer)
+                if conn is None or not conn.is_established:
+                    return
+                if not conn.is_relayed:
+                    return
+                try:
+                    direct = await self._punch(conn, peer)
+                except (TransportError, TimeoutError) as exc:
+                    log.info("hole punch to %s, attempt %d: %s", peer.short(), attempt, exc)
+                    await asyncio.sleep(0.5 + self.rng.random())
+                    continue
+                if direct is not None:
+                    self._punched[peer] = direct
+                    self.time_to_direct_ms[peer] = round((self._now() - started) * 1000, 1)
+                    log.info("direct path to %s after %d attempt(s)", peer.short(), attempt)
+                    return
+                return  # the strategy says relay only
+            self._next_direct_try[peer] = self._now() + self.config.direct_retry_s
+        finally:
+            self._upgrading.pop(peer, None)
+
+    async def _punch(self, relayed: PeerConnection, peer: NodeId) -> PeerConnection | None:
+        """One DCUtR exchange over the relayed connection, then the direct attempt."""
+        nonce = self.rng.randbytes(NONCE_BYTES)
+        sent_at = time.perf_counter()
+        answer = await relayed.request("punch.start", {
+            "kind": self.reachability.value, "addrs": [list(a) for a in self.candidates()],
+            "nonce": nonce}, timeout=self.config.punch_timeout_s + 5)
+        rtt = time.perf_counter() - sent_at
+        theirs = _addresses(answer.get("addrs"))
+        strategy = choose_strategy(self.reachability, Reachability(answer.get("kind", "unknown")))
+        log.debug("punch to %s: %s (rtt %.1f ms, their addresses %s)", peer.short(), strategy.value,
+                  rtt * 1000, theirs)
+        if strategy == PunchStrategy.RELAY_ONLY:
+            return None
+        if strategy == PunchStrategy.THEY_DIAL:
+            return await self._await_direct(peer, self.config.punch_timeout_s)
+        if strategy == PunchStrategy.BIRTHDAY_EASY:
+            return await self._spray(peer, theirs, nonce)
+        if strategy == PunchStrategy.BIRTHDAY_HARD:
+            return await self._birthday_hard(relayed, peer, theirs)
+        # DIRECT (they are public) or PUNCH: they primed before answering; prime, then dial.
+        if strategy == PunchStrategy.PUNCH:
+            await self._prime(theirs)
+        return await self._dial_any(peer, theirs, self.config.punch_timeout_s)
+
+    async def _serve_punch(self, conn: PeerConnection, body: Any) -> dict[str, Any]:
+        if conn.peer_id is None:
+            raise RemoteError("refused", "not authenticated")
+        try:
+            theirs = _addresses(body["addrs"])
+            their_kind = Reachability(body["kind"])
+            nonce = bytes(body["nonce"])[:NONCE_BYTES]
+        except (KeyError, TypeError, ValueError):
+            raise RemoteError("bad_request", "punch.start takes {kind, addrs, nonce}") from None
+        peer = conn.peer_id
+        strategy = choose_strategy(self.reachability, their_kind)
+        # The answer's own strategy is the mirror of the asker's.
+        if strategy == PunchStrategy.PUNCH:
+            await self._prime(theirs)
+        elif strategy == PunchStrategy.DIRECT:
+            self._spawn(self._dial_any(peer, theirs, self.config.punch_timeout_s), "dial-back-punch")
+        elif strategy == PunchStrategy.BIRTHDAY_HARD:
+            await self._open_birthday(peer, theirs, nonce)
+        return {"kind": self.reachability.value, "addrs": [list(a) for a in self.candidates()]}
+
+    async def _prime(self, addresses: list[Address]) -> None:
+        """Open this side's NAT mappings towards `addresses` with packets that die before the
+        far NAT (see hmnode.transport.hops)."""
+        for addr in addresses:
+            ttl = hops.primer_ttl(await self._far_hops(addr))
+            for _ in range(2):
+                self.endpoint.send_raw(PRIMER, addr, ttl=ttl)
+
+    async def _far_hops(self, addr: Address) -> int | None:
+        if addr[0] not in self._hops:
+            self._hops[addr[0]] = await hops.hops_to(addr[0], addr[1])
+        return self._hops[addr[0]]
+
+    async def _await_direct(self, peer: NodeId, timeout: float) -> PeerConnection:
+        deadline = self._now() + timeout
+        while self._now() < deadline:
+            conn = self.endpoint.peers.get(peer)
+            if conn is not None and conn.is_established and not conn.is_relayed:
+                return conn
+            await asyncio.sleep(0.05)
+        raise TransportError("no direct connection arrived")
+
+    # --- birthday probing (one side's NAT is symmetric) -------------------------------------
+
+    async def _open_birthday(self, peer: NodeId, theirs: list[Address], nonce: bytes) -> None:
+        """As the hard side: open many sockets, prime each towards the easy side, and dial it
+        from whichever socket its probe reaches (in the background)."""
+        plan = self.config.birthday
+        target = theirs[0] if theirs else None
+        if target is None:
+            return
+        sockets = []
+        try:
+            for _ in range(plan.hard_ports):
+                sockets.append(await self.endpoint.open_extra_socket())
+        except OSError as exc:
+            log.info("birthday probe: could open only %d sockets (%s)", len(sockets), exc)
+        bday = _Birthday(nonce, peer, sockets)
+        self._birthdays[nonce] = bday
+        ttl = hops.primer_ttl(await self._far_hops(target))
+        for sock in sockets:
+            self.endpoint.send_from(sock, PRIMER, target, ttl)
+        self._spawn(self._birthday_wait(bday), f"birthday-{peer.short()}")
+
+    async def _birthday_wait(self, bday: _Birthday) -> None:
+        try:
+            addr, sock = await asyncio.wait_for(asyncio.shield(bday.hit), self.config.birthday.wait_s)
+            self.endpoint.pin(addr, sock)
+            await self.endpoint.connect(addr, bday.peer, timeout=self.config.punch_timeout_s)
+        except (TimeoutError, TransportError) as exc:
+            log.info("birthday probe with %s: %s", bday.peer.short(), exc or "no probe arrived")
+        finally:
+            self._birthdays.pop(bday.nonce, None)
+            for sock in bday.sockets:
+                self.endpoint.close_extra_socket(sock)
+
+    async def _birthday_hard(self, relayed: PeerConnection, peer: NodeId,
+                             theirs: list[Address]) -> PeerConnection:
+        nonce = self.rng.randbytes(NONCE_BYTES)
+        await self._open_birthday(peer, theirs, nonce)
+        await relayed.request("punch.spray", {"nonce": nonce, "addrs": [list(a) for a in self.candidates()]},
+                              timeout=RPC_TIMEOUT_S)
+        return await self._await_direct(peer, self.config.birthday.wait_s + self.config.punch_timeout_s)
+
+    async def _serve_spray(self, conn: PeerConnection, body: Any) -> dict[str, Any]:
+        try:
+            theirs = _addresses(body["addrs"])
+            nonce = bytes(body["nonce"])[:NONCE_BYTES]
+        except (KeyError, TypeError, ValueError):
+            raise RemoteError("bad_request", "punch.spray takes {nonce, addrs}") from None
+        assert conn.peer_id is not None
+        self._spawn(self._spray(conn.peer_id, theirs, nonce), f"spray-{conn.peer_id.short()}")
+        return {}
+
+    async def _spray(self, peer: NodeId, theirs: list[Address], nonce: bytes) -> PeerConnection:
+        """As the easy side: probe random ports of the hard side's IP until its dial arrives."""
+        if not theirs:
+            raise TransportError("the hard side sent no address")
+        plan = self.config.birthday
+        ip = theirs[0][0]
+        sent = 0
+        for batch in plan.batches(self.rng):
+            conn = self.endpoint.peers.get(peer)
+            if conn is not None and conn.is_established and not conn.is_relayed:
+                return conn
+            for port in batch:
+                self.endpoint.send_raw(PUNCH_PROBE + nonce, (ip, port))
+            sent += len(batch)
+            await asyncio.sleep(plan.batch_interval_s)
+        return await self._await_direct(peer, self.config.punch_timeout_s)
+
+    # --- keeping paths ----------------------------------------------------------------------
+
+    def _keep_paths(self, now: float) -> None:
+        loop_now = asyncio.get_running_loop().time()
+        for peer, conn in list(self._punched.items()):
+            if conn.closed.done():
+                self._punched.pop(peer, None)
+                continue
+            if loop_now - conn.last_heard > self.config.path_dead_s:
+                log.info("direct path to %s went silent; back to the relay", peer.short())
+                self._punched.pop(peer, None)
+                conn.close(ErrorCode.TIMEOUT, "direct path went silent")
+                self._spawn(self._fall_back(peer), f"fallback-{peer.short()}")
+            else:
+                conn.ping()
+        for peer, at in list(self._next_direct_try.items()):
+            if now >= at:
+                del self._next_direct_try[peer]
+                conn = self.endpoint.peers.get(peer)
+                if conn is not None and conn.is_relayed:
+                    self.upgrade_later(peer, delay=0.0)
+
+    async def _fall_back(self, peer: NodeId) -> None:
+        try:
+            await self.connect(peer, timeout=RPC_TIMEOUT_S)
+        except TransportError as exc:
+            log.info("cannot reach %s through a relay either: %s", peer.short(), exc)
+        self._next_direct_try[peer] = self._now() + self.config.direct_retry_s
+
+
+def _parse(text: str) -> Address:
+    from hmnode.config import HostPort  # the one parser of HOST:PORT
+
+    hp = HostPort.parse(text)
+    return (hp.host, hp.port)
+
+
+def _addresses(value: Any) -> list[Address]:
+    """Candidate addresses from a peer's message: [[ip, port], ...], bounded and checked."""
+    if not isinstance(value, list):
+        raise ValueError("addrs must be a list")
+    out: list[Address] = []
+    for item in value[:MAX_PUNCH_ADDRESSES]:
+        if (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], int) and 0 < item[1] < 65536):
+            out.append((item[0], item[1]))
+    return out
+
+
+def _names(tasks: set[asyncio.Task]) -> set[str]:
+    return {t.get_name() for t in tasks if not t.done()}
