@@ -192,6 +192,12 @@ def status(data_dir: Path | None, as_json: bool) -> None:
     click.echo(f"uptime     {info['uptime_s']:.0f} s")
     click.echo(f"listen     {', '.join(info['addresses'])} (configured {info['listen']})")
     click.echo(f"peers      {info['peers']}")
+    nat = info.get("nat") or {}
+    if nat:
+        click.echo(f"reachable  {nat['reachability']}"
+                   + (f" (observed {', '.join(nat['observed'])})" if nat["observed"] else ""))
+        relay = nat.get("relay")
+        click.echo(f"relayed at {relay['address']}" if relay else "relayed at -")
     click.echo(f"data dir   {info['data_dir']}")
 
 
@@ -213,11 +219,35 @@ def peers(data_dir: Path | None, as_json: bool) -> None:
     if not rows:
         click.echo("no peers connected")
         return
-    click.echo(f"{'node id':58} {'dir':3} {'address':24} {'rtt ms':>8} {'bytes in':>10} {'bytes out':>10}")
+    click.echo(f"{'node id':58} {'dir':3} {'path':7} {'address':24} {'rtt ms':>8} {'bytes in':>10} "
+               f"{'bytes out':>10}")
     for row in rows:
         rtt = "-" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f}"
-        click.echo(f"{row['node_id']:58} {row['direction']:3} {row['address']:24} {rtt:>8} "
-                   f"{row['bytes_in']:>10} {row['bytes_out']:>10}")
+        click.echo(f"{row['node_id']:58} {row['direction']:3} {row.get('path', 'direct'):7} "
+                   f"{row['address']:24} {rtt:>8} {row['bytes_in']:>10} {row['bytes_out']:>10}")
+
+
+@main.command()
+@_data_dir_option
+@click.argument("node_id", metavar="NODE_ID")
+@click.option("--timeout", type=click.FloatRange(0.1, 600), default=20.0, show_default=True,
+              help="Seconds to keep trying.")
+@json_option
+def connect(data_dir: Path | None, node_id: str, timeout: float, as_json: bool) -> None:
+    """Connect the running agent to NODE_ID (directly, through its relay, or by hole punching)
+    and show the path it got."""
+    dd = _resolve(data_dir)
+    try:
+        info = control.call(dd.control_socket, "connect", {"node_id": node_id, "timeout": timeout},
+                            timeout=timeout + 5)
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        print_json(info)
+        return
+    via = f" through relay {info['relay']}" if info.get("relay") else ""
+    rtt = "" if info["rtt_ms"] is None else f", rtt {info['rtt_ms']:.1f} ms"
+    click.echo(f"connected to {info['node_id']}: {info['path']}{via} in {info['elapsed_ms']:.0f} ms{rtt}")
 
 
 @main.command()

@@ -239,6 +239,9 @@ async def nodes(n: int, config: TraversalConfig = TraversalConfig(tick_s=0.1)) -
     return [await Node(config).start() for _ in range(n)]
 
 
+PRIVATE = TraversalConfig(tick_s=0.1, force_reachability=Reachability.CONE)
+
+
 async def until(predicate, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -270,7 +273,8 @@ async def test_peers_report_observed_addresses_and_a_dial_back_confirms_them() -
 
 @looped
 async def test_relay_circuit_carries_an_end_to_end_authenticated_connection() -> None:
-    relay, a, b = await nodes(3)
+    relay, a = await nodes(2)
+    b = await Node(PRIVATE).start()
     forwarded: list[bytes] = []
     original = relay.traversal._relay_forward
 
@@ -302,7 +306,8 @@ async def test_relay_circuit_carries_an_end_to_end_authenticated_connection() ->
 
 @looped
 async def test_relay_refuses_without_a_reservation_and_when_switched_off() -> None:
-    relay, a, b = await nodes(3)
+    relay, a = await nodes(2)
+    b = await Node(PRIVATE).start()
     off = await Node(TraversalConfig(tick_s=0.1, relay=RelayLimits(enabled=False))).start()
     try:
         await b.endpoint.connect(relay.addr, relay.key.node_id)
@@ -320,7 +325,8 @@ async def test_relay_refuses_without_a_reservation_and_when_switched_off() -> No
 @looped
 async def test_circuit_over_its_byte_limit_is_closed_by_the_relay() -> None:
     relay = await Node(TraversalConfig(tick_s=0.1, relay=RelayLimits(circuit_bytes=60_000))).start()
-    a, b = await nodes(2)
+    a = await Node(TraversalConfig(tick_s=0.1)).start()
+    b = await Node(PRIVATE).start()
     try:
         await b.endpoint.connect(relay.addr, relay.key.node_id)
         await until(lambda: relay.traversal.reachability == Reachability.PUBLIC)
@@ -338,7 +344,8 @@ async def test_circuit_over_its_byte_limit_is_closed_by_the_relay() -> None:
 
 @looped
 async def test_forged_relay_data_is_ignored() -> None:
-    relay, a, b = await nodes(3)
+    relay, a = await nodes(2)
+    b = await Node(PRIVATE).start()
     try:
         await b.endpoint.connect(relay.addr, relay.key.node_id)
         await until(lambda: relay.traversal.reachability == Reachability.PUBLIC)
@@ -357,7 +364,8 @@ async def test_forged_relay_data_is_ignored() -> None:
 
 @looped
 async def test_a_direct_connection_replaces_the_relayed_one() -> None:
-    relay, a, b = await nodes(3)
+    relay, a = await nodes(2)
+    b = await Node(PRIVATE).start()
     try:
         await b.endpoint.connect(relay.addr, relay.key.node_id)
         await until(lambda: relay.traversal.reachability == Reachability.PUBLIC)

@@ -50,6 +50,8 @@ class ConnectionLimits:
     # Below the ~30 s after which NATs commonly drop a UDP binding.
     keepalive_s: float = 10.0
     connect_timeout_s: float = 10.0
+    # A direct connection quiet this long gives way to a peer's new relayed one.
+    silent_path_s: float = 1.5
 
 
 class _Socket(asyncio.DatagramProtocol):
@@ -332,7 +334,12 @@ class Endpoint:
 
     def _preferred(self, old: PeerConnection, new: PeerConnection) -> PeerConnection:
         if old.is_relayed != new.is_relayed:
-            return old if new.is_relayed else new  # a direct path replaces a relayed one
+            if not new.is_relayed:
+                return new  # a direct path replaces a relayed one
+            # A peer dials through the relay when its direct path died; if ours has gone quiet
+            # too, believe it rather than hold on to a path that no longer carries anything.
+            silent = asyncio.get_running_loop().time() - old.last_heard
+            return new if silent > self.limits.silent_path_s else old
         if old.is_client == new.is_client:
             return new  # a redial (say, after the peer restarted): the old one is stale
         # Opposite directions: keep the one dialled by the smaller node id, on both ends.

@@ -49,6 +49,8 @@ OBSERVE_ASK = b"\x00HMOA"
 OBSERVE_ANSWER = b"\x00HMOR"
 NONCE_BYTES = 16
 RPC_TIMEOUT_S = 5.0
+OBSERVE_AGAIN_S = 10.0
+MAX_HOPS_CACHED = 256
 MAX_DIAL_BACKS_SERVED = 8
 
 
@@ -70,6 +72,8 @@ class TraversalConfig:
     path_dead_s: float = 4.0
     birthday: BirthdayPlan = BirthdayPlan()
     tick_s: float = 1.0
+    # As libp2p's ForceReachabilityPrivate/Public: skip the measurement (tests, known setups).
+    force_reachability: Reachability | None = None
 
 
 @dataclass
@@ -122,6 +126,7 @@ class NatTraversal:
         self._dial_back_failed_at: float | None = None
         self._dial_back_at = 0.0
         self._observed_from: set[NodeId] = set()
+        self._observe_again_at = 0.0
         self._alt_socket: Any = None
         self._punched: dict[NodeId, PeerConnection] = {}
         self._upgrading: dict[NodeId, asyncio.Task] = {}
@@ -166,6 +171,9 @@ class NatTraversal:
 
     @property
     def reachability(self) -> Reachability:
+        """How peers can reach this node, as measured (or as forced by the config)."""
+        if self.config.force_reachability is not None:
+            return self.config.force_reachability
         return self.observed.reachability(self._now())
 
     def advertised(self, local: list[str]) -> list[str]:
@@ -257,6 +265,7 @@ class NatTraversal:
                 self.on_addresses_changed()
         elif self.config.reserve and self._wants_relay(now) and "reserve" not in _names(self._tasks):
             self._spawn(self._keep_reservation(now), "reserve")
+        self._observe_again(now)
         self._keep_paths(now)
 
     def _wants_relay(self, now: float) -> bool:
@@ -266,18 +275,40 @@ class NatTraversal:
             lost = conn is None or not conn.is_established or conn.is_relayed
             return lost or res.expires_at - now < self.config.relay.reservation_s / 2
         # Not public: a dial-back failed, or the mapping alone says NAT.
-        return (self._dial_back_failed_at is not None
+        return (self._dial_back_failed_at is not None or self.config.force_reachability is not None
                 or self.observed.mapping(now) == Reachability.SYMMETRIC)
 
     # --- observed addresses and dial-backs --------------------------------------------------
 
     def _on_authenticated(self, conn: PeerConnection) -> None:
-        if conn.is_relayed or conn.peer_id is None or conn.peer_id in self._observed_from:
+        if conn.is_relayed or conn.peer_id is None:
+            return
+        if self._behind_nat(conn.peer_id):
+            # A direct path through a NAT: watch it, so a lost binding sends us to the relay.
+            self._punched[conn.peer_id] = conn
+        if conn.peer_id in self._observed_from:
             return
         if len(self._observed_from) >= self.config.observe_peers:
             return
         self._observed_from.add(conn.peer_id)
         self._spawn(self._observe(conn), f"observe-{conn.peer_id.short()}")
+
+    def _behind_nat(self, peer: NodeId) -> bool:
+        """Whether a direct path to `peer` crosses a NAT (ours, or theirs as their advert tells)."""
+        if self.reachability != Reachability.PUBLIC:
+            return True
+        return any(is_relayed(a) for a in self.addresses_of(peer))
+
+    def _observe_again(self, now: float) -> None:
+        """While the mapping is unknown, ask the directly connected peers again (a peer that
+        was not yet public when first asked had no second port to offer)."""
+        if now < self._observe_again_at or self.observed.mapping(now) != Reachability.UNKNOWN:
+            return
+        self._observe_again_at = now + OBSERVE_AGAIN_S
+        self._observed_from.clear()
+        for conn in list(self.endpoint.peers.values()):
+            if conn.is_established:
+                self._on_authenticated(conn)
 
     async def _observe(self, conn: PeerConnection) -> None:
         try:
@@ -685,7 +716,6 @@ class NatTraversal:
                     await asyncio.sleep(0.5 + self.rng.random())
                     continue
                 if direct is not None:
-                    self._punched[peer] = direct
                     self.time_to_direct_ms[peer] = round((self._now() - started) * 1000, 1)
                     log.info("direct path to %s after %d attempt(s)", peer.short(), attempt)
                     return
@@ -742,13 +772,15 @@ class NatTraversal:
     async def _prime(self, addresses: list[Address]) -> None:
         """Open this side's NAT mappings towards `addresses` with packets that die before the
         far NAT (see hmnode.transport.hops)."""
-        for addr in addresses:
-            ttl = hops.primer_ttl(await self._far_hops(addr))
+        far = await asyncio.gather(*(self._far_hops(addr) for addr in addresses))
+        for addr, far_hops in zip(addresses, far):
             for _ in range(2):
-                self.endpoint.send_raw(PRIMER, addr, ttl=ttl)
+                self.endpoint.send_raw(PRIMER, addr, ttl=hops.primer_ttl(far_hops))
 
     async def _far_hops(self, addr: Address) -> int | None:
         if addr[0] not in self._hops:
+            if len(self._hops) >= MAX_HOPS_CACHED:
+                self._hops.clear()
             self._hops[addr[0]] = await hops.hops_to(addr[0], addr[1])
         return self._hops[addr[0]]
 
