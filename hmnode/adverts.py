@@ -25,6 +25,8 @@ from hmnode.identity import NodeId, NodeKey, verify
 _DOMAIN = b"hmnode/advert/v1"
 ADVERT_VERSION = 1
 MAX_ADDRESSES = 16
+# Long enough for a relayed address (a node id, a relay's IPv6 address and port, "/relay").
+MAX_ADDRESS_CHARS = 128
 MAX_ADVERT_BYTES = 64 << 10
 # How far in the future an advert may claim to have been issued (clock skew between nodes).
 MAX_CLOCK_SKEW_S = 300.0
@@ -89,9 +91,7 @@ class Advert:
             raise AdvertRejected("advert node id is not 32 bytes")
         if not _is_int(seq) or not 0 <= seq < 1 << 63:
             raise AdvertRejected("advert sequence is not a non-negative integer")
-        if (not isinstance(addrs, list) or len(addrs) > MAX_ADDRESSES
-                or not all(isinstance(a, str) and 0 < len(a) <= 64 for a in addrs)):
-            raise AdvertRejected(f"advert addresses must be up to {MAX_ADDRESSES} short strings")
+        _check_addresses(addrs)
         if not isinstance(inv, dict):
             raise AdvertRejected("advert inventory is not a map")
         if (not isinstance(prices, dict) or set(prices) != set(PRICE_KEYS)
@@ -106,9 +106,18 @@ class Advert:
         return cls(NodeId(node), seq, tuple(addrs), inv, prices, issued, expires, sig)
 
 
+def _check_addresses(addrs: Any) -> None:
+    if (not isinstance(addrs, list) or len(addrs) > MAX_ADDRESSES
+            or not all(isinstance(a, str) and 0 < len(a) <= MAX_ADDRESS_CHARS for a in addrs)):
+        raise AdvertRejected(f"advert addresses must be up to {MAX_ADDRESSES} strings of up to "
+                             f"{MAX_ADDRESS_CHARS} characters")
+
+
 def make_advert(key: NodeKey, seq: int, addresses: list[str], inventory: dict[str, Any],
                 prices: dict[str, float] | None, now: float, ttl_s: float) -> Advert:
-    """A new advert signed by `key`, valid from `now` for `ttl_s` seconds."""
+    """A new advert signed by `key`, valid from `now` for `ttl_s` seconds; refused (as a
+    peer would refuse it) when its content breaks the limits."""
+    _check_addresses(list(addresses))
     prices = prices or {name: 0.0 for name in PRICE_KEYS}
     unsigned = Advert(key.node_id, seq, tuple(addresses), inventory, prices, now, now + ttl_s)
     try:

@@ -382,3 +382,11 @@ async def test_a_direct_connection_replaces_the_relayed_one() -> None:
     finally:
         for n in (a, b, relay):
             await n.stop()
+
+
+def test_an_advert_carries_the_longest_relayed_address() -> None:
+    from hmnode.adverts import Advert, make_advert
+
+    longest = str(RelayedAddress(IDS[0], "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", 65535))
+    advert = make_advert(KEYS[1], 1, [longest, "198.51.100.7:4819"], {}, None, 0.0, 600.0)
+    assert Advert.from_wire(advert.to_wire()).addresses == (longest, "198.51.100.7:4819")
