@@ -211,7 +211,7 @@ class Agent:
             raise MethodError("bad_request", f"connect takes a node_id and a timeout: {exc}") from None
         started = time.monotonic()
         try:
-            conn = await self.traversal.connect(peer, timeout=timeout)
+            conn = await self.traversal.connect_checked(peer, timeout=timeout)
         except HmnodeError as exc:
             raise MethodError("connect_failed", str(exc)) from None
         return {"node_id": str(peer), **self.traversal.path_of(conn),
@@ -275,16 +275,16 @@ class Agent:
 def advertised_addresses(bound: list[tuple], network: tuple[NetInterface, ...]) -> list[str]:
     """Where peers can reach this node: the bound addresses, with a wildcard replaced by the
     machine's interface addresses (loopback only when there is nothing else)."""
-    out: list[str] = []
+    out: list[tuple[str, int]] = []
     for host, port in (a[:2] for a in bound):
         if host not in ("0.0.0.0", "::"):
-            out.append(format_addr((host, port)))
+            out.append((host, port))
             continue
-        ips = [ip for iface in network if iface.is_up
-               for ip in iface.addresses if (":" in ip) == (host == "::") and "%" not in ip]
-        public = [ip for ip in ips if not ipaddress.ip_address(ip).is_loopback]
-        out.extend(format_addr((ip, port)) for ip in (public or ips))
-    return out[:16]
+        out.extend((ip, port) for iface in network if iface.is_up
+                   for ip in iface.addresses if (":" in ip) == (host == "::") and "%" not in ip)
+    # Loopback only reaches this machine: worth advertising only when there is nothing else.
+    reachable = [a for a in out if not ipaddress.ip_address(a[0].split("%")[0]).is_loopback]
+    return [format_addr(a) for a in (reachable or out)][:16]
 
 
 def shareable(inventory: Inventory | None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from hmnode.errors import UsageError
 from hmnode.identity import NodeId, NodeKey
-from hmnode.transport.connection import Address, Handlers, PeerConnection, TransportError
+from hmnode.transport.connection import (RELAYED_PREFIX, Address, Handlers, PeerConnection,
+                                         TransportError)
 from hmnode.transport.redial import Redialer
 from hmnode.transport.quic import (CID_LENGTH, MIN_INITIAL_BYTES, MutualQuicConnection,
                                    QuicTuning, make_configuration)
@@ -50,7 +52,7 @@ class ConnectionLimits:
     # Below the ~30 s after which NATs commonly drop a UDP binding.
     keepalive_s: float = 10.0
     connect_timeout_s: float = 10.0
-    # A direct connection quiet this long gives way to a peer's new relayed one.
+    # A direct connection older than this gives way to a peer's new relayed one.
     silent_path_s: float = 1.5
 
 
@@ -147,6 +149,8 @@ class Endpoint:
         if circuit is not None:
             circuit(data)
             return
+        if addr[0].startswith(RELAYED_PREFIX):
+            return  # a circuit that is gone: nowhere to send
         transport = self._pinned.get(addr)
         if transport is None:
             transport = self._sockets.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
@@ -178,10 +182,11 @@ class Endpoint:
         self._circuits[addr] = carry
 
     def remove_circuit(self, addr: Address) -> None:
-        """Forget a circuit, closing the connections that ran over it."""
-        self._circuits.pop(addr, None)
+        """Forget a circuit, closing the connections that ran over it (their close goes out
+        through the circuit while it is still there)."""
         for conn in [c for c in self._live if c.addr == addr]:
             conn.close(ErrorCode.NO_ERROR, "relay circuit closed")
+        self._circuits.pop(addr, None)
 
     async def open_extra_socket(self) -> asyncio.DatagramTransport:
         """Another IPv4 socket on a random port whose datagrams this endpoint serves too (the hard
@@ -336,10 +341,11 @@ class Endpoint:
         if old.is_relayed != new.is_relayed:
             if not new.is_relayed:
                 return new  # a direct path replaces a relayed one
-            # A peer dials through the relay when its direct path died; if ours has gone quiet
-            # too, believe it rather than hold on to a path that no longer carries anything.
-            silent = asyncio.get_running_loop().time() - old.last_heard
-            return new if silent > self.limits.silent_path_s else old
+            # A peer dials through the relay only when it has no working direct path (an
+            # upgrade runs over an existing relayed connection, never the other way round), so
+            # believe it: the direct path is dead at its end. A direct connection younger than
+            # the grace is kept, in case the two crossed.
+            return new if time.monotonic() - old.created_at > self.limits.silent_path_s else old
         if old.is_client == new.is_client:
             return new  # a redial (say, after the peer restarted): the old one is stale
         # Opposite directions: keep the one dialled by the smaller node id, on both ends.

@@ -50,6 +50,8 @@ OBSERVE_ANSWER = b"\x00HMOR"
 NONCE_BYTES = 16
 RPC_TIMEOUT_S = 5.0
 OBSERVE_AGAIN_S = 10.0
+ADVERT_WAIT_S = 2.0
+PATH_CHECK_S = 2.0
 MAX_HOPS_CACHED = 256
 MAX_DIAL_BACKS_SERVED = 8
 
@@ -160,8 +162,17 @@ class NatTraversal:
     def _spawn(self, coro: Any, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, (TransportError, TimeoutError)):
+                log.debug("%s: %s", task.get_name(), exc)
+            else:
+                log.error("%s failed", task.get_name(), exc_info=exc)
 
     @staticmethod
     def _now() -> float:
@@ -224,9 +235,11 @@ class NatTraversal:
             relay_conn = self.endpoint.peers.get(circuit.relay) if circuit else None
             if circuit is not None and relay_conn is not None and not relay_conn.is_relayed:
                 return str(RelayedAddress(circuit.relay, *relay_conn.addr[:2]))
-            known = self.addresses_of(conn.peer_id) if conn.peer_id else []
-            return known[0] if known else f"{conn.addr[0]}:{conn.addr[1]}"
-        return format_address(conn.addr[:2])
+        known = self.addresses_of(conn.peer_id) if conn.peer_id else []
+        if known and (conn.is_relayed or not conn.is_client):
+            # Where it says it can be reached, not where its packets came from (a NAT's port).
+            return known[0]
+        return format_address(conn.addr[:2]) if not conn.is_relayed else f"{conn.addr[0]}:{conn.addr[1]}"
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -624,7 +637,16 @@ class NatTraversal:
         existing = self.endpoint.peers.get(peer)
         if existing is not None and existing.is_established:
             return existing
-        texts = list(self.addresses_of(peer)) or ([hint] if hint else [])
+        texts = list(self.addresses_of(peer))
+        if not texts and hint:
+            # A hint is often the address a peer was seen from: behind a NAT, a packet sent
+            # there unasked makes that NAT re-map the peer's port and spoils a later hole
+            # punch. So give the peer's advert (which names its relay) a moment to arrive.
+            deadline = self._now() + min(timeout / 2, ADVERT_WAIT_S)
+            while not texts and self._now() < deadline:
+                await asyncio.sleep(0.1)
+                texts = list(self.addresses_of(peer))
+            texts = texts or [hint]
         relayed = []
         direct: list[Address] = []
         for text in texts:
@@ -653,6 +675,25 @@ class NatTraversal:
             except TransportError as exc:
                 errors.append(str(exc))
         raise TransportError(f"cannot reach {peer.short()}: " + ("; ".join(errors) or "no address known"))
+
+    async def connect_checked(self, peer: NodeId, timeout: float = 10.0) -> PeerConnection:
+        """As `connect`, and a round trip over the connection proves that its path works now; a
+        connection whose path is dead is closed and another one made, until `timeout`."""
+        deadline = self._now() + timeout
+        errors: list[str] = []
+        while (left := deadline - self._now()) > 0:
+            try:
+                conn = await self.connect(peer, timeout=left)
+                await conn.request("nat.observe", None, timeout=min(left, PATH_CHECK_S))
+                return conn
+            except TransportError as exc:
+                errors.append(str(exc))
+                conn = self.endpoint.peers.get(peer)  # type: ignore[assignment]
+                if conn is not None and not conn.closed.done():
+                    conn.close(ErrorCode.TIMEOUT, "no answer over this path")
+                await asyncio.sleep(min(0.2, max(0.0, deadline - self._now())))
+        raise TransportError(f"cannot reach {peer.short()} within {timeout:g} s: "
+                             + (errors[-1] if errors else "no attempt fitted"))
 
     async def _dial_any(self, peer: NodeId, addresses: list[Address], timeout: float) -> PeerConnection:
         """Dial every address at once; the first authenticated connection wins."""
