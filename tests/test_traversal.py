@@ -390,3 +390,15 @@ def test_an_advert_carries_the_longest_relayed_address() -> None:
     longest = str(RelayedAddress(IDS[0], "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff", 65535))
     advert = make_advert(KEYS[1], 1, [longest, "198.51.100.7:4819"], {}, None, 0.0, 600.0)
     assert Advert.from_wire(advert.to_wire()).addresses == (longest, "198.51.100.7:4819")
+
+
+def test_far_hop_survives_rate_limited_routers() -> None:
+    from hmnode.transport.hops import far_hop, primer_ttl
+
+    T, F = True, False
+    assert far_hop([T, T, F, F, F]) == 3  # own NAT, the core, then the far NAT
+    assert far_hop([F, T, F, F, F]) == 3  # the NAT's answer was rate-limited away
+    assert far_hop([T, T, T, F, F]) == 4  # a double NAT
+    assert far_hop([F, F, F, F, F]) is None  # no ICMP at all: unknown
+    assert far_hop([T, T, T, T, T]) is None  # farther than the probes reach
+    assert primer_ttl(3) == 2 and primer_ttl(None) == 2 and primer_ttl(1) == 1

@@ -54,8 +54,10 @@ def _read_errors(sock: socket.socket) -> list[int]:
 
 
 async def hops_to(ip: str, port: int, max_ttl: int = MAX_TTL, wait_s: float = PROBE_WAIT_S) -> int | None:
-    """The TTL at which a probe to ip:port stops drawing "time exceeded": the far host's (or far
-    NAT's) hop count. None where it cannot be measured (not Linux, IPv6, no ICMP at all)."""
+    """The far host's (or far NAT's) hop count: one more than the farthest router that answered
+    a probe with "time exceeded". Routers rate-limit those answers, so a missing one before a
+    farther answer is taken as lost, not as the destination. None where it cannot be measured
+    (not Linux, IPv6, no ICMP at all)."""
     if not supported() or ":" in ip:
         return None
     sockets: list[socket.socket] = []
@@ -73,12 +75,15 @@ async def hops_to(ip: str, port: int, max_ttl: int = MAX_TTL, wait_s: float = PR
     finally:
         for sock in sockets:
             sock.close()
-    if not any(exceeded):
-        return None  # nobody answers: the measure says nothing
-    for ttl, was_exceeded in enumerate(exceeded, start=1):
-        if not was_exceeded:
-            return ttl
-    return None
+    return far_hop(exceeded)
+
+
+def far_hop(exceeded: list[bool]) -> int | None:
+    """From "did the probe with TTL i+1 draw time exceeded" for each i: the destination's hop."""
+    answered = [ttl for ttl, was_exceeded in enumerate(exceeded, start=1) if was_exceeded]
+    if not answered or answered[-1] == len(exceeded):
+        return None  # nobody answers, or the destination lies beyond the probes
+    return answered[-1] + 1
 
 
 def primer_ttl(far_hops: int | None, default: int = 2) -> int:

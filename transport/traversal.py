@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import time
@@ -50,7 +51,7 @@ OBSERVE_ANSWER = b"\x00HMOR"
 NONCE_BYTES = 16
 RPC_TIMEOUT_S = 5.0
 OBSERVE_AGAIN_S = 10.0
-ADVERT_WAIT_S = 2.0
+ADVERT_WAIT_S = 5.0
 PATH_CHECK_S = 2.0
 MAX_HOPS_CACHED = 256
 MAX_DIAL_BACKS_SERVED = 8
@@ -245,6 +246,9 @@ class NatTraversal:
 
     async def run(self) -> None:
         """Keep reachability known, the reservation held and punched paths alive."""
+        # The second port on which peers learn whether their mapping depends on the
+        # destination; useful from the start, as peers ask once they connect.
+        self._alt_socket = await self.endpoint.open_extra_socket()
         try:
             while True:
                 try:
@@ -271,8 +275,6 @@ class NatTraversal:
                 self._dial_back_at = now
                 self._spawn(self._check_reachability(), "dialback")
         if self.reachability == Reachability.PUBLIC:
-            if self._alt_socket is None:
-                self._alt_socket = await self.endpoint.open_extra_socket()
             if self.reservation is not None:
                 self.reservation = None
                 self.on_addresses_changed()
@@ -639,14 +641,19 @@ class NatTraversal:
             return existing
         texts = list(self.addresses_of(peer))
         if not texts and hint:
-            # A hint is often the address a peer was seen from: behind a NAT, a packet sent
-            # there unasked makes that NAT re-map the peer's port and spoils a later hole
-            # punch. So give the peer's advert (which names its relay) a moment to arrive.
-            deadline = self._now() + min(timeout / 2, ADVERT_WAIT_S)
+            # A hint is often only the address a peer's packets came from. Behind a NAT, a
+            # packet sent there unasked makes that NAT map the peer's next flow to this node to
+            # another port, which spoils hole punching between the two for half a minute. So
+            # only the peer's own signed advert is dialled: wait a moment for it to arrive.
+            deadline = self._now() + min(timeout, ADVERT_WAIT_S)
             while not texts and self._now() < deadline:
                 await asyncio.sleep(0.1)
                 texts = list(self.addresses_of(peer))
-            texts = texts or [hint]
+            if not texts and _is_loopback(hint):
+                texts = [hint]  # no NAT on this machine's own addresses
+            if not texts:
+                raise TransportError(f"no advert of {peer.short()} yet, so no address to dial "
+                                     "that it vouches for; try again once it has spread")
         relayed = []
         direct: list[Address] = []
         for text in texts:
@@ -813,10 +820,14 @@ class NatTraversal:
     async def _prime(self, addresses: list[Address]) -> None:
         """Open this side's NAT mappings towards `addresses` with packets that die before the
         far NAT (see hmnode.transport.hops)."""
+        # A private address is reachable only on a shared LAN, where no NAT needs priming.
+        addresses = [a for a in addresses if not _is_private(a[0])]
         far = await asyncio.gather(*(self._far_hops(addr) for addr in addresses))
         for addr, far_hops in zip(addresses, far):
             for _ in range(2):
                 self.endpoint.send_raw(PRIMER, addr, ttl=hops.primer_ttl(far_hops))
+        log.info("primed %s", ", ".join(f"{format_address(a)} (TTL {hops.primer_ttl(f)})"
+                                        for a, f in zip(addresses, far)))
 
     async def _far_hops(self, addr: Address) -> int | None:
         if addr[0] not in self._hops:
@@ -851,9 +862,12 @@ class NatTraversal:
             log.info("birthday probe: could open only %d sockets (%s)", len(sockets), exc)
         bday = _Birthday(nonce, peer, sockets)
         self._birthdays[nonce] = bday
-        ttl = hops.primer_ttl(await self._far_hops(target))
+        far = await self._far_hops(target)
+        ttl = hops.primer_ttl(far)
         for sock in sockets:
             self.endpoint.send_from(sock, PRIMER, target, ttl)
+        log.info("birthday probe with %s: %d sockets primed towards %s (far NAT at hop %s, TTL %d)",
+                 peer.short(), len(sockets), format_address(target), far, ttl)
         self._spawn(self._birthday_wait(bday), f"birthday-{peer.short()}")
 
     async def _birthday_wait(self, bday: _Birthday) -> None:
@@ -892,6 +906,7 @@ class NatTraversal:
             raise TransportError("the hard side sent no address")
         plan = self.config.birthday
         ip = theirs[0][0]
+        log.info("birthday probe with %s: probing random ports of %s", peer.short(), ip)
         sent = 0
         for batch in plan.batches(self.rng):
             conn = self.endpoint.peers.get(peer)
@@ -950,6 +965,20 @@ def _addresses(value: Any) -> list[Address]:
                 and isinstance(item[1], int) and 0 < item[1] < 65536):
             out.append((item[0], item[1]))
     return out
+
+
+def _is_private(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_private
+    except ValueError:
+        return False
+
+
+def _is_loopback(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(_parse(text)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _names(tasks: set[asyncio.Task]) -> set[str]:
