@@ -402,3 +402,4 @@ def test_far_hop_survives_rate_limited_routers() -> None:
     assert far_hop([F, F, F, F, F]) is None  # no ICMP at all: unknown
     assert far_hop([T, T, T, T, T]) is None  # farther than the probes reach
     assert primer_ttl(3) == 2 and primer_ttl(None) == 2 and primer_ttl(1) == 1
+    assert primer_ttl(2, depth=2) == 3  # the traced depth wins over a short far measure

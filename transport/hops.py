@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import struct
@@ -36,21 +37,21 @@ def supported() -> bool:
     return sys.platform.startswith("linux")
 
 
-def _read_errors(sock: socket.socket) -> list[int]:
-    """The ICMP types queued on the socket's error queue."""
-    types: list[int] = []
+def _read_errors(sock: socket.socket) -> list[tuple[int, str | None]]:
+    """The ICMP errors queued on the socket's error queue: (type, the router that sent it)."""
+    errors: list[tuple[int, str | None]] = []
     while True:
         try:
             _, ancdata, _, _ = sock.recvmsg(64, 512, MSG_ERRQUEUE | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return types
-        except OSError:
-            return types
+        except OSError:  # nothing (more) queued
+            return errors
         for level, kind, data in ancdata:
             if level == socket.IPPROTO_IP and kind == IP_RECVERR and len(data) >= _EXTENDED_ERR.size:
                 _, origin, icmp_type, _, _, _, _ = _EXTENDED_ERR.unpack_from(data)
                 if origin == SO_EE_ORIGIN_ICMP:
-                    types.append(icmp_type)
+                    # The offender's sockaddr_in follows: family, port, then the IPv4 address.
+                    offender = data[_EXTENDED_ERR.size + 4:_EXTENDED_ERR.size + 8]
+                    errors.append((icmp_type, socket.inet_ntoa(offender) if len(offender) == 4 else None))
 
 
 async def hops_to(ip: str, port: int, max_ttl: int = MAX_TTL, wait_s: float = PROBE_WAIT_S) -> int | None:
@@ -58,6 +59,32 @@ async def hops_to(ip: str, port: int, max_ttl: int = MAX_TTL, wait_s: float = PR
     a probe with "time exceeded". Routers rate-limit those answers, so a missing one before a
     farther answer is taken as lost, not as the destination. None where it cannot be measured
     (not Linux, IPv6, no ICMP at all)."""
+    routers = await trace(ip, port, max_ttl, wait_s)
+    return None if routers is None else far_hop([r is not None for r in routers])
+
+
+async def nat_depth(ip: str, port: int, max_ttl: int = MAX_TTL, wait_s: float = PROBE_WAIT_S) -> int | None:
+    """How many routers with private addresses (this side's NATs) come before the first public
+    one on the way to the public host ip:port; None if no public router answered."""
+    routers = await trace(ip, port, max_ttl, wait_s)
+    if routers is None:
+        return None
+    for hop, router in enumerate(routers, start=1):
+        if router is not None and _is_public(router):
+            return hop - 1
+    return None
+
+
+def _is_public(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    # 100.64.0.0/10 is a carrier-grade NAT's inside: private for this purpose.
+    return not (addr.is_private or addr in ipaddress.ip_network("100.64.0.0/10"))
+
+
+async def trace(ip: str, port: int, max_ttl: int = MAX_TTL,
+                wait_s: float = PROBE_WAIT_S) -> list[str | None] | None:
+    """For TTL 1..max_ttl, the router that answered a probe to ip:port with "time exceeded"
+    (None where none did). None where it cannot be measured (not Linux, IPv6)."""
     if not supported() or ":" in ip:
         return None
     sockets: list[socket.socket] = []
@@ -71,11 +98,12 @@ async def hops_to(ip: str, port: int, max_ttl: int = MAX_TTL, wait_s: float = PR
             with contextlib.suppress(OSError):
                 sock.sendto(b"\x00hmnode-hop-probe", (ip, port))
         await asyncio.sleep(wait_s)
-        exceeded = [ICMP_TIME_EXCEEDED in _read_errors(sock) for sock in sockets]
+        routers = [next((who for kind, who in _read_errors(sock) if kind == ICMP_TIME_EXCEEDED), None)
+                   for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
-    return far_hop(exceeded)
+    return routers
 
 
 def far_hop(exceeded: list[bool]) -> int | None:
@@ -86,8 +114,12 @@ def far_hop(exceeded: list[bool]) -> int | None:
     return answered[-1] + 1
 
 
-def primer_ttl(far_hops: int | None, default: int = 2) -> int:
-    """The TTL for primers: one hop short of the far NAT (the default when unmeasured)."""
+def primer_ttl(far_hops: int | None, depth: int | None = None, default: int = 2) -> int:
+    """The TTL for primers: past this side's `depth` NATs (short of the far NAT as long as a
+    router lies between the two NATs, as on the internet); else one hop short of the far NAT;
+    else the default, past one NAT."""
+    if depth is not None:
+        return depth + 1
     if far_hops is None:
         return default
     return max(1, far_hops - 1)

@@ -53,6 +53,8 @@ RPC_TIMEOUT_S = 5.0
 OBSERVE_AGAIN_S = 10.0
 ADVERT_WAIT_S = 5.0
 PATH_CHECK_S = 2.0
+DEPTH_TRIES = 3
+DEPTH_WAIT_S = 5.0
 MAX_HOPS_CACHED = 256
 MAX_DIAL_BACKS_SERVED = 8
 
@@ -136,6 +138,8 @@ class NatTraversal:
         self._next_direct_try: dict[NodeId, float] = {}
         self._tasks: set[asyncio.Task] = set()
         self._hops: dict[str, int | None] = {}
+        self._depth: int | None = None  # this side's NATs, once traced
+        self._depth_task: asyncio.Task | None = None
         self.time_to_direct_ms: dict[NodeId, float] = {}
         self._install()
 
@@ -622,6 +626,8 @@ class NatTraversal:
             if changed:
                 log.info("relay reservation on %s at %s", peer.short(), format_address(conn.addr[:2]))
                 self.on_addresses_changed()
+                self._depth_task = self._spawn(self._measure_depth(conn.addr[:2]),  # type: ignore[arg-type]
+                                               "nat-depth")
             return
         if self.reservation is not None:
             conn = self.endpoint.peers.get(self.reservation.relay)
@@ -822,19 +828,39 @@ class NatTraversal:
         far NAT (see hmnode.transport.hops)."""
         # A private address is reachable only on a shared LAN, where no NAT needs priming.
         addresses = [a for a in addresses if not _is_private(a[0])]
-        far = await asyncio.gather(*(self._far_hops(addr) for addr in addresses))
-        for addr, far_hops in zip(addresses, far):
+        ttls = await asyncio.gather(*(self._primer_ttl(addr) for addr in addresses))
+        for addr, ttl in zip(addresses, ttls):
             for _ in range(2):
-                self.endpoint.send_raw(PRIMER, addr, ttl=hops.primer_ttl(far_hops))
-        log.info("primed %s", ", ".join(f"{format_address(a)} (TTL {hops.primer_ttl(f)})"
-                                        for a, f in zip(addresses, far)))
+                self.endpoint.send_raw(PRIMER, addr, ttl=ttl)
+        log.info("primed %s", ", ".join(f"{format_address(a)} (TTL {t})" for a, t in zip(addresses, ttls)))
 
-    async def _far_hops(self, addr: Address) -> int | None:
+    async def _primer_ttl(self, addr: Address) -> int:
+        """Past our own NATs (counted once, towards the relay), else short of the far NAT."""
+        if self._depth is None and self._depth_task is not None and not self._depth_task.done():
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self._depth_task), DEPTH_WAIT_S)
+        if self._depth is not None:
+            return hops.primer_ttl(None, self._depth)
         if addr[0] not in self._hops:
             if len(self._hops) >= MAX_HOPS_CACHED:
                 self._hops.clear()
             self._hops[addr[0]] = await hops.hops_to(addr[0], addr[1])
-        return self._hops[addr[0]]
+        return hops.primer_ttl(self._hops[addr[0]])
+
+    async def _measure_depth(self, relay: Address) -> None:
+        for attempt in range(DEPTH_TRIES):
+            # Routers rate-limit their ICMP answers: a trace can come back short; try again.
+            depth = await hops.nat_depth(relay[0], relay[1])
+            if depth is not None:
+                break
+            await asyncio.sleep(1.0 + attempt)
+        if depth is None:
+            log.info("could not count the NATs towards %s (no router answered a trace)",
+                     format_address(relay))
+        elif depth != self._depth:
+            log.info("%d NAT(s) between this node and the internet (traced towards %s)",
+                     depth, format_address(relay))
+        self._depth = depth if depth is not None else self._depth
 
     async def _await_direct(self, peer: NodeId, timeout: float) -> PeerConnection:
         deadline = self._now() + timeout
@@ -862,12 +888,11 @@ class NatTraversal:
             log.info("birthday probe: could open only %d sockets (%s)", len(sockets), exc)
         bday = _Birthday(nonce, peer, sockets)
         self._birthdays[nonce] = bday
-        far = await self._far_hops(target)
-        ttl = hops.primer_ttl(far)
+        ttl = await self._primer_ttl(target)
         for sock in sockets:
             self.endpoint.send_from(sock, PRIMER, target, ttl)
-        log.info("birthday probe with %s: %d sockets primed towards %s (far NAT at hop %s, TTL %d)",
-                 peer.short(), len(sockets), format_address(target), far, ttl)
+        log.info("birthday probe with %s: %d sockets primed towards %s (TTL %d)",
+                 peer.short(), len(sockets), format_address(target), ttl)
         self._spawn(self._birthday_wait(bday), f"birthday-{peer.short()}")
 
     async def _birthday_wait(self, bday: _Birthday) -> None:
