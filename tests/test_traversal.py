@@ -403,3 +403,15 @@ def test_far_hop_survives_rate_limited_routers() -> None:
     assert far_hop([T, T, T, T, T]) is None  # farther than the probes reach
     assert primer_ttl(3) == 2 and primer_ttl(None) == 2 and primer_ttl(1) == 1
     assert primer_ttl(2, depth=2) == 3  # the traced depth wins over a short far measure
+
+
+def test_nat_depth_from_a_trace() -> None:
+    from hmnode.transport.hops import depth_of
+
+    assert depth_of(["10.2.0.1", "11.0.2.1", None]) == 1
+    assert depth_of(["192.168.4.1", "10.4.0.1", "11.0.4.1", None]) == 2
+    assert depth_of(["11.0.1.1", None]) == 0  # public: no NAT
+    assert depth_of([None, "11.0.2.1", None]) == 1  # the NAT's own answer was rationed away
+    assert depth_of(["192.168.4.1", "10.4.0.1", None, None]) == 2  # the public router kept quiet
+    assert depth_of(["100.64.0.1", "11.0.2.1"]) == 1  # carrier-grade NAT space is private
+    assert depth_of([None, None]) is None

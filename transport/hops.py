@@ -65,14 +65,23 @@ async def hops_to(ip: str, port: int, max_ttl: int = MAX_TTL, wait_s: float = PR
 
 async def nat_depth(ip: str, port: int, max_ttl: int = MAX_TTL, wait_s: float = PROBE_WAIT_S) -> int | None:
     """How many routers with private addresses (this side's NATs) come before the first public
-    one on the way to the public host ip:port; None if no public router answered."""
+    one on the way to ip:port; None if no router answered."""
     routers = await trace(ip, port, max_ttl, wait_s)
-    if routers is None:
-        return None
+    return None if routers is None else depth_of(routers)
+
+
+def depth_of(routers: list[str | None]) -> int | None:
+    """From a trace: the hop before the first public router; when no public router answered
+    (they rate-limit ICMP), the run of private routers that answered from the first hop."""
     for hop, router in enumerate(routers, start=1):
         if router is not None and _is_public(router):
             return hop - 1
-    return None
+    private = 0
+    for router in routers:
+        if router is None:
+            break
+        private += 1
+    return private or None
 
 
 def _is_public(ip: str) -> bool:

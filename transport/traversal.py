@@ -312,6 +312,15 @@ class NatTraversal:
         self._observed_from.add(conn.peer_id)
         self._spawn(self._observe(conn), f"observe-{conn.peer_id.short()}")
 
+    def _local_ips(self) -> set[str]:
+        """The IPs this node's sockets are bound to or advertise as its own interfaces'."""
+        ips = {normalise_ip(a[0]) for a in self.endpoint.addresses}
+        for text in self.addresses_of(self.me):
+            if not is_relayed(text):
+                with contextlib.suppress(ValueError):
+                    ips.add(normalise_ip(_parse(text)[0]))
+        return ips
+
     def _behind_nat(self, peer: NodeId) -> bool:
         """Whether a direct path to `peer` crosses a NAT (ours, or theirs as their advert tells)."""
         if self.reachability != Reachability.PUBLIC:
@@ -338,6 +347,10 @@ class NatTraversal:
             self._observed_from.discard(conn.peer_id)  # type: ignore[arg-type]
             return
         assert conn.peer_id is not None
+        if self._depth_task is None and seen[0] not in self._local_ips():
+            # Seen from another address than ours: count our NATs now, before punching starts
+            # (later, other nodes' probes make our NAT routers ration their ICMP answers).
+            self._depth_task = self._spawn(self._measure_depth(conn.addr[:2]), "nat-depth")  # type: ignore[arg-type]
         if self.observed.observe(str(conn.peer_id), conn.addr[0], seen, self._now()):
             log.info("observed address %s (reported by %s)", format_address(seen), conn.peer_id.short())
             self.on_addresses_changed()
@@ -626,8 +639,6 @@ class NatTraversal:
             if changed:
                 log.info("relay reservation on %s at %s", peer.short(), format_address(conn.addr[:2]))
                 self.on_addresses_changed()
-                self._depth_task = self._spawn(self._measure_depth(conn.addr[:2]),  # type: ignore[arg-type]
-                                               "nat-depth")
             return
         if self.reservation is not None:
             conn = self.endpoint.peers.get(self.reservation.relay)
