@@ -250,7 +250,10 @@ async def until(predicate, timeout: float = 5.0) -> None:
 
 
 async def reserve_through(node: Node, relay: Node) -> None:
-    """`node` takes a reservation on `relay` the way a private node does."""
+    """`node` connects to `relay`, which finds itself public, and takes a reservation there
+    the way a private node does."""
+    await node.endpoint.connect(relay.addr, relay.key.node_id)
+    await until(lambda: relay.traversal.reachability == Reachability.PUBLIC)
     node.traversal.relay_candidates = [(relay.addr, relay.key.node_id)]
     await node.traversal._keep_reservation(time.monotonic())
     assert node.traversal.reservation is not None
@@ -285,8 +288,6 @@ async def test_relay_circuit_carries_an_end_to_end_authenticated_connection() ->
 
     relay.traversal._relay_forward = spy  # observe only: the relay's own code still forwards
     try:
-        await b.endpoint.connect(relay.addr, relay.key.node_id)
-        await until(lambda: relay.traversal.reachability == Reachability.PUBLIC)
         await reserve_through(b, relay)
         relayed = RelayedAddress(relay.key.node_id, *relay.addr)
         assert str(relayed) in b.traversal.advertised([])
@@ -328,8 +329,6 @@ async def test_circuit_over_its_byte_limit_is_closed_by_the_relay() -> None:
     a = await Node(TraversalConfig(tick_s=0.1)).start()
     b = await Node(PRIVATE).start()
     try:
-        await b.endpoint.connect(relay.addr, relay.key.node_id)
-        await until(lambda: relay.traversal.reachability == Reachability.PUBLIC)
         await reserve_through(b, relay)
         conn = await a.traversal.connect_relayed(b.key.node_id, RelayedAddress(relay.key.node_id, *relay.addr))
         with pytest.raises(TransportError):
@@ -347,8 +346,6 @@ async def test_forged_relay_data_is_ignored() -> None:
     relay, a = await nodes(2)
     b = await Node(PRIVATE).start()
     try:
-        await b.endpoint.connect(relay.addr, relay.key.node_id)
-        await until(lambda: relay.traversal.reachability == Reachability.PUBLIC)
         await reserve_through(b, relay)
         mallory = await a.endpoint.connect(b.addr, b.key.node_id)
         # Circuit data from a node that is not b's relay opens nothing on b.
@@ -367,8 +364,6 @@ async def test_a_direct_connection_replaces_the_relayed_one() -> None:
     relay, a = await nodes(2)
     b = await Node(PRIVATE).start()
     try:
-        await b.endpoint.connect(relay.addr, relay.key.node_id)
-        await until(lambda: relay.traversal.reachability == Reachability.PUBLIC)
         await reserve_through(b, relay)
         a.traversal.addresses_of = lambda peer: (
             [str(RelayedAddress(relay.key.node_id, *relay.addr))] if peer == b.key.node_id else [])
