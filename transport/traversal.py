@@ -943,14 +943,12 @@ class NatTraversal:
         plan = self.config.birthday
         ip = theirs[0][0]
         log.info("birthday probe with %s: probing random ports of %s", peer.short(), ip)
-        sent = 0
         for batch in plan.batches(self.rng):
             conn = self.endpoint.peers.get(peer)
             if conn is not None and conn.is_established and not conn.is_relayed:
                 return conn
             for port in batch:
                 self.endpoint.send_raw(PUNCH_PROBE + nonce, (ip, port))
-            sent += len(batch)
             await asyncio.sleep(plan.batch_interval_s)
         return await self._await_direct(peer, self.config.punch_timeout_s)
 
