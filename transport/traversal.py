@@ -13,7 +13,8 @@ node uses them:
    cannot read (relay.data notifications), and the two ends run their own authenticated QUIC
    connection over it.
 4. Upgrade (DCUtR): over the relayed connection the two ends exchange candidates and NAT kinds
-   and open a direct path (`punch`); the direct connection replaces the relayed one.
+   and open a direct path (`holepunch.HolePuncher`); the direct connection replaces the
+   relayed one.
 5. Keeping paths: a punched path is pinged often; when it goes silent it is closed, the peer is
    reached through the relay again, and direct is retried about every minute.
 """
@@ -27,14 +28,14 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hmnode.identity import NodeId, NodeKey
-from hmnode.transport import hops
 from hmnode.transport.connection import RELAYED_PREFIX, Address, PeerConnection, RemoteError, TransportError
 from hmnode.transport.endpoint import Endpoint
-from hmnode.transport.punch import (BirthdayPlan, PunchStrategy, choose_strategy, MAX_PUNCH_ADDRESSES)
+from hmnode.transport.holepunch import NONCE_BYTES, PUNCH_PROBE, RPC_TIMEOUT_S, HolePuncher
+from hmnode.transport.punch import MAX_PUNCH_ADDRESSES, BirthdayPlan
 from hmnode.transport.reachability import (DialBackRefused, ObservedAddresses, Reachability,
                                            check_dial_back, format_address, normalise_ip)
 from hmnode.transport.relay import RelayedAddress, RelayLimits, RelayRefused, RelayService, is_relayed
@@ -44,18 +45,11 @@ log = logging.getLogger(__name__)
 
 # Raw datagrams (not QUIC: the first byte has QUIC's fixed bit clear).
 DIAL_BACK = b"\x00HMDB"
-PUNCH_PROBE = b"\x00HMPU"
-PRIMER = b"\x00HMPR"
 OBSERVE_ASK = b"\x00HMOA"
 OBSERVE_ANSWER = b"\x00HMOR"
-NONCE_BYTES = 16
-RPC_TIMEOUT_S = 5.0
 OBSERVE_AGAIN_S = 10.0
 ADVERT_WAIT_S = 5.0
 PATH_CHECK_S = 2.0
-DEPTH_TRIES = 3
-DEPTH_WAIT_S = 5.0
-MAX_HOPS_CACHED = 256
 MAX_DIAL_BACKS_SERVED = 8
 
 
@@ -96,16 +90,6 @@ class _Circuit:
     peer: NodeId | None
 
 
-@dataclass
-class _Birthday:
-    """The hard side's sockets of one birthday probe, waiting for the easy side's probe."""
-
-    nonce: bytes
-    peer: NodeId
-    sockets: list[Any]
-    hit: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
 class NatTraversal:
     """Finds, opens and keeps the best path to each peer over one endpoint."""
 
@@ -126,7 +110,6 @@ class NatTraversal:
         self._circuits: dict[tuple[NodeId, int], _Circuit] = {}
         self._dial_backs: dict[bytes, asyncio.Future] = {}
         self._observe_asks: dict[bytes, NodeId] = {}
-        self._birthdays: dict[bytes, _Birthday] = {}
         self._dial_backs_served = 0
         self._dial_back_failed_at: float | None = None
         self._dial_back_at = 0.0
@@ -137,10 +120,10 @@ class NatTraversal:
         self._upgrading: dict[NodeId, asyncio.Task] = {}
         self._next_direct_try: dict[NodeId, float] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._hops: dict[str, int | None] = {}
-        self._depth: int | None = None  # this side's NATs, once traced
-        self._depth_task: asyncio.Task | None = None
         self.time_to_direct_ms: dict[NodeId, float] = {}
+        self.puncher = HolePuncher(endpoint, self.rng, config.punch_timeout_s, config.birthday,
+                                   lambda: self.reachability, self.candidates, self._dial_any,
+                                   self._spawn)
         self._install()
 
     # --- wiring -----------------------------------------------------------------------------
@@ -149,8 +132,8 @@ class NatTraversal:
         handlers = self.endpoint.handlers
         handlers.rpc = {**handlers.rpc, "nat.observe": self._serve_observe,
                         "nat.dialback": self._serve_dial_back, "relay.reserve": self._serve_reserve,
-                        "relay.connect": self._serve_connect, "punch.start": self._serve_punch,
-                        "punch.spray": self._serve_spray}
+                        "relay.connect": self._serve_connect,
+                        "punch.start": self.puncher.serve_punch, "punch.spray": self.puncher.serve_spray}
         inner = handlers.notify
 
         def notify(conn: PeerConnection, topic: str, body: Any) -> None:
@@ -264,9 +247,7 @@ class NatTraversal:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            for bday in self._birthdays.values():
-                for sock in bday.sockets:
-                    self.endpoint.close_extra_socket(sock)
+            self.puncher.close()
             if self._alt_socket is not None:
                 self.endpoint.close_extra_socket(self._alt_socket)
 
@@ -347,10 +328,8 @@ class NatTraversal:
             self._observed_from.discard(conn.peer_id)  # type: ignore[arg-type]
             return
         assert conn.peer_id is not None
-        if self._depth_task is None and seen[0] not in self._local_ips():
-            # Seen from another address than ours: count our NATs now, before punching starts
-            # (later, other nodes' probes make our NAT routers ration their ICMP answers).
-            self._depth_task = self._spawn(self._measure_depth(conn.addr[:2]), "nat-depth")  # type: ignore[arg-type]
+        if seen[0] not in self._local_ips():
+            self.puncher.count_nats(conn.addr[:2])  # type: ignore[arg-type]  # we are behind NAT
         if self.observed.observe(str(conn.peer_id), conn.addr[0], seen, self._now()):
             log.info("observed address %s (reported by %s)", format_address(seen), conn.peer_id.short())
             self.on_addresses_changed()
@@ -455,9 +434,7 @@ class NatTraversal:
             if self.observed.observe(f"{reporter}/alt", f"{addr[0]}|{addr[1]}", seen, self._now()):
                 self.on_addresses_changed()
         elif kind == PUNCH_PROBE:
-            bday = self._birthdays.get(rest[:NONCE_BYTES])
-            if bday is not None and via in bday.sockets and not bday.hit.done():
-                bday.hit.set_result((addr, via))
+            self.puncher.probe_arrived(rest[:NONCE_BYTES], addr, via)
 
     # --- relay: the serving side ------------------------------------------------------------
 
@@ -775,7 +752,7 @@ class NatTraversal:
                 if not conn.is_relayed:
                     return
                 try:
-                    direct = await self._punch(conn, peer)
+                    direct = await self.puncher.punch(conn, peer)
                 except (TransportError, TimeoutError) as exc:
                     log.info("hole punch to %s, attempt %d: %s", peer.short(), attempt, exc)
                     await asyncio.sleep(0.5 + self.rng.random())
@@ -788,169 +765,6 @@ class NatTraversal:
             self._next_direct_try[peer] = self._now() + self.config.direct_retry_s
         finally:
             self._upgrading.pop(peer, None)
-
-    async def _punch(self, relayed: PeerConnection, peer: NodeId) -> PeerConnection | None:
-        """One DCUtR exchange over the relayed connection, then the direct attempt."""
-        nonce = self.rng.randbytes(NONCE_BYTES)
-        sent_at = time.perf_counter()
-        answer = await relayed.request("punch.start", {
-            "kind": self.reachability.value, "addrs": [list(a) for a in self.candidates()],
-            "nonce": nonce}, timeout=self.config.punch_timeout_s + 5)
-        rtt = time.perf_counter() - sent_at
-        theirs = _addresses(answer.get("addrs"))
-        strategy = choose_strategy(self.reachability, Reachability(answer.get("kind", "unknown")))
-        log.debug("punch to %s: %s (rtt %.1f ms, their addresses %s)", peer.short(), strategy.value,
-                  rtt * 1000, theirs)
-        if strategy == PunchStrategy.RELAY_ONLY:
-            return None
-        if strategy == PunchStrategy.THEY_DIAL:
-            return await self._await_direct(peer, self.config.punch_timeout_s)
-        if strategy == PunchStrategy.BIRTHDAY_EASY:
-            return await self._spray(peer, theirs, nonce)
-        if strategy == PunchStrategy.BIRTHDAY_HARD:
-            return await self._birthday_hard(relayed, peer, theirs)
-        # DIRECT (they are public) or PUNCH: they primed before answering; prime, then dial.
-        if strategy == PunchStrategy.PUNCH:
-            await self._prime(theirs)
-        return await self._dial_any(peer, theirs, self.config.punch_timeout_s)
-
-    async def _serve_punch(self, conn: PeerConnection, body: Any) -> dict[str, Any]:
-        if conn.peer_id is None:
-            raise RemoteError("refused", "not authenticated")
-        try:
-            theirs = _addresses(body["addrs"])
-            their_kind = Reachability(body["kind"])
-            nonce = bytes(body["nonce"])[:NONCE_BYTES]
-        except (KeyError, TypeError, ValueError):
-            raise RemoteError("bad_request", "punch.start takes {kind, addrs, nonce}") from None
-        peer = conn.peer_id
-        strategy = choose_strategy(self.reachability, their_kind)
-        # The answer's own strategy is the mirror of the asker's.
-        if strategy == PunchStrategy.PUNCH:
-            await self._prime(theirs)
-        elif strategy == PunchStrategy.DIRECT:
-            self._spawn(self._dial_any(peer, theirs, self.config.punch_timeout_s), "dial-back-punch")
-        elif strategy == PunchStrategy.BIRTHDAY_HARD:
-            await self._open_birthday(peer, theirs, nonce)
-        return {"kind": self.reachability.value, "addrs": [list(a) for a in self.candidates()]}
-
-    async def _prime(self, addresses: list[Address]) -> None:
-        """Open this side's NAT mappings towards `addresses` with packets that die before the
-        far NAT (see hmnode.transport.hops)."""
-        # A private address is reachable only on a shared LAN, where no NAT needs priming.
-        addresses = [a for a in addresses if not _is_private(a[0])]
-        ttls = await asyncio.gather(*(self._primer_ttl(addr) for addr in addresses))
-        for addr, ttl in zip(addresses, ttls):
-            for _ in range(2):
-                self.endpoint.send_raw(PRIMER, addr, ttl=ttl)
-        log.info("primed %s", ", ".join(f"{format_address(a)} (TTL {t})" for a, t in zip(addresses, ttls)))
-
-    async def _primer_ttl(self, addr: Address) -> int:
-        """Past our own NATs (counted once, towards the relay), else short of the far NAT."""
-        if self._depth is None and self._depth_task is not None and not self._depth_task.done():
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._depth_task), DEPTH_WAIT_S)
-        if self._depth is not None:
-            return hops.primer_ttl(None, self._depth)
-        if addr[0] not in self._hops:
-            if len(self._hops) >= MAX_HOPS_CACHED:
-                self._hops.clear()
-            self._hops[addr[0]] = await hops.hops_to(addr[0], addr[1])
-        return hops.primer_ttl(self._hops[addr[0]])
-
-    async def _measure_depth(self, relay: Address) -> None:
-        for attempt in range(DEPTH_TRIES):
-            # Routers rate-limit their ICMP answers: a trace can come back short; try again.
-            depth = await hops.nat_depth(relay[0], relay[1])
-            if depth is not None:
-                break
-            await asyncio.sleep(1.0 + attempt)
-        if depth is None:
-            log.info("could not count the NATs towards %s (no router answered a trace)",
-                     format_address(relay))
-        elif depth != self._depth:
-            log.info("%d NAT(s) between this node and the internet (traced towards %s)",
-                     depth, format_address(relay))
-        self._depth = depth if depth is not None else self._depth
-
-    async def _await_direct(self, peer: NodeId, timeout: float) -> PeerConnection:
-        deadline = self._now() + timeout
-        while self._now() < deadline:
-            conn = self.endpoint.peers.get(peer)
-            if conn is not None and conn.is_established and not conn.is_relayed:
-                return conn
-            await asyncio.sleep(0.05)
-        raise TransportError("no direct connection arrived")
-
-    # --- birthday probing (one side's NAT is symmetric) -------------------------------------
-
-    async def _open_birthday(self, peer: NodeId, theirs: list[Address], nonce: bytes) -> None:
-        """As the hard side: open many sockets, prime each towards the easy side, and dial it
-        from whichever socket its probe reaches (in the background)."""
-        plan = self.config.birthday
-        target = theirs[0] if theirs else None
-        if target is None:
-            return
-        sockets = []
-        try:
-            for _ in range(plan.hard_ports):
-                sockets.append(await self.endpoint.open_extra_socket())
-        except OSError as exc:
-            log.info("birthday probe: could open only %d sockets (%s)", len(sockets), exc)
-        bday = _Birthday(nonce, peer, sockets)
-        self._birthdays[nonce] = bday
-        ttl = await self._primer_ttl(target)
-        for sock in sockets:
-            self.endpoint.send_from(sock, PRIMER, target, ttl)
-        log.info("birthday probe with %s: %d sockets primed towards %s (TTL %d)",
-                 peer.short(), len(sockets), format_address(target), ttl)
-        self._spawn(self._birthday_wait(bday), f"birthday-{peer.short()}")
-
-    async def _birthday_wait(self, bday: _Birthday) -> None:
-        try:
-            addr, sock = await asyncio.wait_for(asyncio.shield(bday.hit), self.config.birthday.wait_s)
-            self.endpoint.pin(addr, sock)
-            await self.endpoint.connect(addr, bday.peer, timeout=self.config.punch_timeout_s)
-        except (TimeoutError, TransportError) as exc:
-            log.info("birthday probe with %s: %s", bday.peer.short(), exc or "no probe arrived")
-        finally:
-            self._birthdays.pop(bday.nonce, None)
-            for sock in bday.sockets:
-                self.endpoint.close_extra_socket(sock)
-
-    async def _birthday_hard(self, relayed: PeerConnection, peer: NodeId,
-                             theirs: list[Address]) -> PeerConnection:
-        nonce = self.rng.randbytes(NONCE_BYTES)
-        await self._open_birthday(peer, theirs, nonce)
-        await relayed.request("punch.spray", {"nonce": nonce, "addrs": [list(a) for a in self.candidates()]},
-                              timeout=RPC_TIMEOUT_S)
-        return await self._await_direct(peer, self.config.birthday.wait_s + self.config.punch_timeout_s)
-
-    async def _serve_spray(self, conn: PeerConnection, body: Any) -> dict[str, Any]:
-        try:
-            theirs = _addresses(body["addrs"])
-            nonce = bytes(body["nonce"])[:NONCE_BYTES]
-        except (KeyError, TypeError, ValueError):
-            raise RemoteError("bad_request", "punch.spray takes {nonce, addrs}") from None
-        assert conn.peer_id is not None
-        self._spawn(self._spray(conn.peer_id, theirs, nonce), f"spray-{conn.peer_id.short()}")
-        return {}
-
-    async def _spray(self, peer: NodeId, theirs: list[Address], nonce: bytes) -> PeerConnection:
-        """As the easy side: probe random ports of the hard side's IP until its dial arrives."""
-        if not theirs:
-            raise TransportError("the hard side sent no address")
-        plan = self.config.birthday
-        ip = theirs[0][0]
-        log.info("birthday probe with %s: probing random ports of %s", peer.short(), ip)
-        for batch in plan.batches(self.rng):
-            conn = self.endpoint.peers.get(peer)
-            if conn is not None and conn.is_established and not conn.is_relayed:
-                return conn
-            for port in batch:
-                self.endpoint.send_raw(PUNCH_PROBE + nonce, (ip, port))
-            await asyncio.sleep(plan.batch_interval_s)
-        return await self._await_direct(peer, self.config.punch_timeout_s)
 
     # --- keeping paths ----------------------------------------------------------------------
 
@@ -987,25 +801,6 @@ def _parse(text: str) -> Address:
 
     hp = HostPort.parse(text)
     return (hp.host, hp.port)
-
-
-def _addresses(value: Any) -> list[Address]:
-    """Candidate addresses from a peer's message: [[ip, port], ...], bounded and checked."""
-    if not isinstance(value, list):
-        raise ValueError("addrs must be a list")
-    out: list[Address] = []
-    for item in value[:MAX_PUNCH_ADDRESSES]:
-        if (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                and isinstance(item[1], int) and 0 < item[1] < 65536):
-            out.append((item[0], item[1]))
-    return out
-
-
-def _is_private(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_private
-    except ValueError:
-        return False
 
 
 def _is_loopback(text: str) -> bool:
