@@ -109,3 +109,34 @@ def test_forged_and_replayed_adverts_are_refused_and_counted(tmp_path: Path, age
     assert set(adverts) == {status["node_id"], str(rogue_key.node_id)}
     views = _json("peers", "--json", "--data-dir", tmp_path / "a")
     assert views["misbehaviour"][str(rogue_key.node_id)] >= 2
+
+
+def test_connect_status_and_peers_show_paths_and_reachability(tmp_path: Path, agents) -> None:
+    dirs = [tmp_path / name for name in "abc"]
+    nodes = [agents(d) for d in dirs]
+    statuses = [n.wait_ready() for n in nodes]
+    boot = f"{statuses[0]['node_id']}@{statuses[0]['addresses'][0]}"
+    for d in dirs[1:]:
+        assert _json("join", boot, "--json", "--data-dir", d)["joined"]
+    c_id = statuses[2]["node_id"]
+    wait_until(lambda: c_id in {ad["node_id"] for ad in
+                                _json("assets", "--mesh", "--json", "--data-dir", dirs[1])},
+               "c's advert at b", WAIT_S)
+    got = _json("connect", c_id, "--json", "--data-dir", dirs[1])
+    assert got["node_id"] == c_id and got["path"] == "direct" and got["relay"] is None
+    assert got["elapsed_ms"] >= 0
+    text = hmnode("connect", c_id, "--data-dir", dirs[1])
+    assert text.returncode == 0 and f"connected to {c_id}: direct" in text.stdout
+    peers = _json("peers", "--json", "--data-dir", dirs[1])
+    row = next(r for r in peers["connections"] if r["node_id"] == c_id)
+    assert row["path"] == "direct" and row["relay"] is None
+    # On loopback every node is reachable unasked: a dial-back confirms it.
+    nat = wait_until(lambda: (s := _json("status", "--json", "--data-dir", dirs[1])["nat"])
+                     ["reachability"] == "public" and s, "b public", WAIT_S)
+    assert nat["confirmed"] and nat["relay"] is None
+    assert "reachable  public" in hmnode("status", "--data-dir", dirs[1]).stdout
+    stranger = NodeKey.generate().node_id
+    refused = hmnode("connect", str(stranger), "--timeout", "1", "--data-dir", dirs[1])
+    assert refused.returncode == 1 and "no advert" in refused.stderr
+    bad = hmnode("connect", "not-a-node-id", "--data-dir", dirs[1])
+    assert bad.returncode != 0 and bad.stderr

@@ -675,7 +675,9 @@ class NatTraversal:
                 return await self._dial_any(peer, direct, min(timeout, 3.0))
             except TransportError as exc:
                 errors.append(str(exc))
-        raise TransportError(f"cannot reach {peer.short()}: " + ("; ".join(errors) or "no address known"))
+        raise TransportError(f"cannot reach {peer.short()}: " + ("; ".join(errors) or (
+            "no advert of it is known here: it has not joined this mesh, or its advert has not "
+            "reached this node yet")))
 
     async def connect_checked(self, peer: NodeId, timeout: float = 10.0) -> PeerConnection:
         """As `connect`, and a round trip over the connection proves that its path works now; a
@@ -693,8 +695,8 @@ class NatTraversal:
                 if conn is not None and not conn.closed.done():
                     conn.close(ErrorCode.TIMEOUT, "no answer over this path")
                 await asyncio.sleep(min(0.2, max(0.0, deadline - self._now())))
-        raise TransportError(f"cannot reach {peer.short()} within {timeout:g} s: "
-                             + (errors[-1] if errors else "no attempt fitted"))
+        raise TransportError((errors[-1] if errors else f"cannot reach {peer.short()}")
+                             + f" (kept trying for {timeout:g} s)")
 
     async def _dial_any(self, peer: NodeId, addresses: list[Address], timeout: float) -> PeerConnection:
         """Dial every address at once; the first authenticated connection wins."""
