@@ -282,8 +282,8 @@ async def test_relay_circuit_carries_an_end_to_end_authenticated_connection() ->
     original = relay.traversal._relay_forward
 
     def spy(conn, body):
-        if isinstance(body.get("d"), bytes):
-            forwarded.append(body["d"])
+        if isinstance(body.get("d"), list):
+            forwarded.extend(body["d"])
         return original(conn, body)
 
     relay.traversal._relay_forward = spy  # observe only: the relay's own code still forwards
@@ -349,7 +349,7 @@ async def test_forged_relay_data_is_ignored() -> None:
         await reserve_through(b, relay)
         mallory = await a.endpoint.connect(b.addr, b.key.node_id)
         # Circuit data from a node that is not b's relay opens nothing on b.
-        mallory.notify("relay.data", {"c": 1, "d": b"\x00junk", "f": KEYS[0].node_id.key})
+        mallory.notify("relay.data", {"c": 1, "d": [b"\x00junk"], "f": KEYS[0].node_id.key})
         mallory.notify("relay.data", "not a map")
         await asyncio.sleep(0.2)
         assert b.traversal._circuits == {}

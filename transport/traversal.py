@@ -50,6 +50,9 @@ OBSERVE_ANSWER = b"\x00HMOR"
 OBSERVE_AGAIN_S = 10.0
 ADVERT_WAIT_S = 5.0
 PATH_CHECK_S = 2.0
+# relay.data carries up to this many QUIC packets of up to this size.
+MAX_PACKETS_PER_MESSAGE = 64
+MAX_RELAYED_PACKET = 16384
 MAX_DIAL_BACKS_SERVED = 8
 
 
@@ -469,18 +472,18 @@ class NatTraversal:
         return {"c": circuit.cid}
 
     def _relay_forward(self, conn: PeerConnection, body: dict[str, Any]) -> bool:
-        """As the relay: carry one packet to the circuit's other end. False if not ours."""
+        """As the relay: carry packets to the circuit's other end. False if not ours."""
         cid = body.get("c")
         if not isinstance(cid, int) or cid not in self.relay_service.circuits or conn.peer_id is None:
             return False
-        data = body.get("d")
-        if not isinstance(data, bytes):
+        data = _packets(body.get("d"))
+        if data is None:
             return True
         circuit = self.relay_service.circuits[cid]
         if conn.peer_id not in (circuit.src, circuit.dst):
             return False
         try:
-            other, over = self.relay_service.carry(cid, conn.peer_id, len(data), self._now())
+            other, over = self.relay_service.carry(cid, conn.peer_id, sum(map(len, data)), self._now())
         except RelayRefused:
             return True
         out = self.endpoint.peers.get(other)
@@ -527,8 +530,8 @@ class NatTraversal:
             self.endpoint.record_misbehaviour(conn, f"unknown topic {topic!r}")
 
     def _circuit_data(self, relay: NodeId, body: dict[str, Any]) -> None:
-        cid, data = body.get("c"), body.get("d")
-        if not isinstance(cid, int) or not isinstance(data, bytes):
+        cid, data = body.get("c"), _packets(body.get("d"))
+        if not isinstance(cid, int) or data is None:
             return
         circuit = self._circuits.get((relay, cid))
         if circuit is None:
@@ -540,19 +543,31 @@ class NatTraversal:
             except (TypeError, ValueError):
                 return
             circuit = self._add_circuit(relay, cid, src)
-        self.endpoint.datagram_received(data, circuit.pseudo, via="relay")
+        for packet in data:
+            self.endpoint.datagram_received(packet, circuit.pseudo, via="relay")
 
     def _add_circuit(self, relay: NodeId, cid: int, peer: NodeId | None) -> _Circuit:
         pseudo = (f"{RELAYED_PREFIX}{relay}/{cid}", 0)
         circuit = _Circuit(relay, cid, pseudo, peer)
         self._circuits[(relay, cid)] = circuit
 
-        def carry(data: bytes) -> None:
+        pending: list[bytes] = []
+
+        def flush() -> None:
+            batch = pending[:]
+            pending.clear()
             conn = self.endpoint.peers.get(relay)
             if conn is None or not conn.is_established or conn.is_relayed:
                 return
-            with contextlib.suppress(TransportError):
-                conn.notify("relay.data", {"c": cid, "d": data})
+            for start in range(0, len(batch), MAX_PACKETS_PER_MESSAGE):
+                with contextlib.suppress(TransportError):
+                    conn.notify("relay.data", {"c": cid, "d": batch[start:start + MAX_PACKETS_PER_MESSAGE]})
+
+        def carry(data: bytes) -> None:
+            # What QUIC sends in one turn of the loop travels in one message (one stream).
+            if not pending:
+                asyncio.get_running_loop().call_soon(flush)
+            pending.append(data)
 
         self.endpoint.add_circuit(pseudo, carry)
         return circuit
@@ -803,6 +818,14 @@ def _parse(text: str) -> Address:
 
     hp = HostPort.parse(text)
     return (hp.host, hp.port)
+
+
+def _packets(value: Any) -> list[bytes] | None:
+    """The packets of a relay.data message, or None if it is not a bounded list of bytes."""
+    if (not isinstance(value, list) or not 0 < len(value) <= MAX_PACKETS_PER_MESSAGE
+            or not all(isinstance(p, bytes) and len(p) <= MAX_RELAYED_PACKET for p in value)):
+        return None
+    return value
 
 
 def _is_loopback(text: str) -> bool:
