@@ -282,3 +282,34 @@ def test_reduced_lab_end_to_end_meets_the_floors(lab_machine) -> None:
     assert report["direct_ratio_cone_pairs"] == 1.0, context
     assert report["direct_ratio_easy_hard"] >= 0.9, context
     assert report["fallback_ok"] is True, f"{report['fallback']}\n{context}"
+
+
+def _path(node, peer_id: str) -> str | None:
+    conns = node.call("peers").get("connections", [])
+    return next((c.get("path") for c in conns if c.get("node_id") == peer_id), None)
+
+
+def test_a_blocked_direct_path_falls_back_to_the_relay_and_is_retried(lab_machine) -> None:
+    """The internet drops the two NATs' traffic to each other: within 10 s the pair talks
+    through the relay again, and once the path is open again it goes direct again (a punch is
+    tried at once, three times, then about every 60 s)."""
+    with NatLab(["public", "cone", "cone"]) as lab:
+        topo = lab.build()
+        lab.start_nodes()
+        lab.wait_ready()
+        a, b = lab.nodes["cone-1"], lab.nodes["cone-2"]
+        assert lab.connect_pair(a, b).path == "direct"
+        ips = (topo.site("cone-1").public_ip, topo.site("cone-2").public_ip)
+        rules = [["-s", ips[0], "-d", ips[1], "-p", "udp", "-j", "DROP"],
+                 ["-s", ips[1], "-d", ips[0], "-p", "udp", "-j", "DROP"]]
+        for rule in rules:
+            run_cmd(in_ns(topo.core_ns, "iptables", "-I", "FORWARD", *rule))
+        blocked_at = time.monotonic()
+        wait_until(lambda: _path(a, b.node_id) == "relayed", "a relayed path", 15.0, 0.1)
+        assert time.monotonic() - blocked_at < 10.0
+        answer = a.call("connect", {"node_id": b.node_id, "timeout": 10.0}, timeout=15.0)
+        assert answer["path"] == "relayed"
+        for rule in rules:
+            run_cmd(in_ns(topo.core_ns, "iptables", "-D", "FORWARD", *rule))
+        wait_until(lambda: _path(a, b.node_id) == "direct" or _path(b, a.node_id) == "direct",
+                   "direct again", 90.0, 0.5)
