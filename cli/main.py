@@ -19,6 +19,7 @@ from hmnode.hardware import Inventory, collect_inventory, summary_lines
 from hmnode.identity import load_key
 from hmnode import logs
 from hmnode.cli.simnet import simnet
+from hmnode.cli.plot import plot
 
 
 class HmnodeGroup(click.Group):
@@ -51,6 +52,7 @@ def main() -> None:
 
 
 main.add_command(simnet)
+main.add_command(plot)
 
 
 @main.command()

@@ -60,3 +60,17 @@ def test_sim_gossip_bench_gives_the_issue_keys_through_the_cli() -> None:
     assert figures["detected"] == figures["crashes"] and figures["failure_detect_s_p99"] > 0
     assert figures["false_positive_deaths"] == 0
     assert "ratio" in result.stderr
+
+
+def test_proofs_bench_gives_every_key_the_issue_names() -> None:
+    result = hmnode("simnet", "bench", "proofs", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for kind, unit in (("work", "us"), ("time", "ms"), ("space", "ms"), ("stake", "us")):
+        assert figures[f"{kind}_verify_{unit}"] > 0 and figures[f"{kind}_prove_ms"] > 0, kind
+        assert figures[f"{kind}_bytes"] > 0 and figures[f"{kind}_verify_ratio"] > 0, kind
+    assert figures["time_t"] > 0 and figures["squarings_per_s"] > 0
+    assert figures["time_verify_ratio"] == pytest.approx(
+        figures["time_verify_ms"] / figures["modexp_ms"], rel=0.02)
+    assert isinstance(figures["verify_floor_ok"], bool)
+    assert "every verify" in result.stderr

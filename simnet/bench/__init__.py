@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from hmnode.simnet.bench import gossip, sim_gossip, startup, transport
+from hmnode.simnet.bench import gossip, proofs, sim_gossip, startup, transport
 
 BENCHMARKS: dict[str, ModuleType] = {
     "startup": startup,
     "transport": transport,
     "gossip": gossip,
     "sim-gossip": sim_gossip,
+    "proofs": proofs,
 }
