@@ -11,7 +11,7 @@ field it has not checked, and every failure raises `ProofRejected` saying what w
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -23,6 +23,17 @@ MAX_PROOF_BYTES = 64 << 10
 
 class ProofRejected(HmnodeError):
     """A proof that does not verify (forged, for another statement, or malformed)."""
+
+
+class Proof(Protocol):
+    """The shape every proof has (`WorkProof`, `TimeProof`, `SpaceProof`, `StakeProof`); each
+    module adds `prove_*`, `verify_*` and a registry of versioned `*Params`."""
+
+    version: int
+
+    def to_wire(self) -> list: ...
+
+    def encode(self) -> bytes: ...
 
 
 def pack(fields: list[Any]) -> bytes:
