@@ -109,6 +109,7 @@ from typing import Any, NamedTuple
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from hmnode.consensus.proof import ProofRejected, digest, expect_length, field, pack, unpack
+from hmnode.datadir import fsync_dir
 from hmnode.errors import HmnodeError, UsageError
 
 NODE_ID_BYTES = 32
@@ -523,14 +524,6 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pread_full(fd: int, size: int, offset: int) -> bytes:
     """`size` bytes at `offset`; what is not on disk reads as zeros (so a damaged plot gives
     wrong labels, which fail verification, rather than an error that hides which)."""
@@ -629,7 +622,7 @@ class Plot:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     @classmethod
     def open(cls, directory: Path, params: SpaceParams | None = None) -> "Plot":
@@ -845,7 +838,7 @@ class Plot:
             raise
         os.close(fd)
         os.replace(tmp, self.directory / TREE_FILE)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self.root = level[0]
 
     # -- using a plot --

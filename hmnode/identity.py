@@ -11,6 +11,7 @@ from pathlib import Path
 import nacl.exceptions
 import nacl.signing
 
+from hmnode.datadir import fsync_dir
 from hmnode.errors import IdentityError
 
 # Text form: this prefix ("1" is outside the base32 alphabet, so it marks where the key starts), then the 32-byte public key in lowercase RFC 4648 base32 without padding
@@ -164,7 +165,7 @@ def write_key(path: Path, key: NodeKey) -> None:
         raise IdentityError(f"a node key already exists at {path}; not replacing it") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def load_or_create_key(path: Path) -> tuple[NodeKey, bool]:
@@ -174,11 +175,3 @@ def load_or_create_key(path: Path) -> tuple[NodeKey, bool]:
     key = NodeKey.generate()
     write_key(path, key)
     return key, True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
