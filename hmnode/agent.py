@@ -103,7 +103,7 @@ class Agent:
                 max_circuits_per_peer=config.relay_max_circuits_per_peer,
                 circuit_bytes=config.relay_circuit_mib << 20, circuit_s=config.relay_circuit_s)),
             addresses_of=self.mesh.addresses_of, on_addresses_changed=self.mesh.addresses_changed)
-        self.traversal.relay_candidates = [((p.addr.host, p.addr.port), p.node_id)
+        self.traversal.relaying.candidates = [((p.addr.host, p.addr.port), p.node_id)
                                            for p in config.bootstrap]
         self.mesh.traversal = self.traversal
         self.control = ControlServer(data_dir.control_socket, {

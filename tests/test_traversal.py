@@ -254,9 +254,9 @@ async def reserve_through(node: Node, relay: Node) -> None:
     the way a private node does."""
     await node.endpoint.connect(relay.addr, relay.key.node_id)
     await until(lambda: relay.traversal.reachability == Reachability.PUBLIC)
-    node.traversal.relay_candidates = [(relay.addr, relay.key.node_id)]
-    await node.traversal._keep_reservation(time.monotonic())
-    assert node.traversal.reservation is not None
+    node.traversal.relaying.candidates = [(relay.addr, relay.key.node_id)]
+    await node.traversal.relaying.keep_reservation()
+    assert node.traversal.relaying.reservation is not None
 
 
 @looped
@@ -279,19 +279,19 @@ async def test_relay_circuit_carries_an_end_to_end_authenticated_connection() ->
     relay, a = await nodes(2)
     b = await Node(PRIVATE).start()
     forwarded: list[bytes] = []
-    original = relay.traversal._relay_forward
+    original = relay.traversal.relaying.forward
 
     def spy(conn, body):
         if isinstance(body.get("d"), list):
             forwarded.extend(body["d"])
         return original(conn, body)
 
-    relay.traversal._relay_forward = spy  # observe only: the relay's own code still forwards
+    relay.traversal.relaying.forward = spy  # observe only: the relay's own code still forwards
     try:
         await reserve_through(b, relay)
         relayed = RelayedAddress(relay.key.node_id, *relay.addr)
         assert str(relayed) in b.traversal.advertised([])
-        conn = await a.traversal.connect_relayed(b.key.node_id, relayed)
+        conn = await a.traversal.relaying.connect(b.key.node_id, relayed)
         assert conn.is_relayed and conn.peer_id == b.key.node_id
         secret = b"the relay must not read this " * 8
         assert await conn.request("echo", secret) == secret
@@ -299,7 +299,7 @@ async def test_relay_circuit_carries_an_end_to_end_authenticated_connection() ->
         assert a.traversal.path_of(conn) == {"path": "relayed", "relay": str(relay.key.node_id)}
         # Dialling with the wrong expected id through the circuit fails authentication.
         with pytest.raises(TransportError):
-            await a.traversal.connect_relayed(KEYS[0].node_id, relayed, timeout=2)
+            await a.traversal.relaying.connect(KEYS[0].node_id, relayed, timeout=2)
     finally:
         for n in (a, b, relay):
             await n.stop()
@@ -313,7 +313,7 @@ async def test_relay_refuses_without_a_reservation_and_when_switched_off() -> No
     try:
         await b.endpoint.connect(relay.addr, relay.key.node_id)
         with pytest.raises(TransportError, match="refused"):
-            await a.traversal.connect_relayed(b.key.node_id, RelayedAddress(relay.key.node_id, *relay.addr))
+            await a.traversal.relaying.connect(b.key.node_id, RelayedAddress(relay.key.node_id, *relay.addr))
         conn = await b.endpoint.connect(off.addr, off.key.node_id)
         await until(lambda: off.traversal.reachability == Reachability.PUBLIC)
         with pytest.raises(RemoteError, match="does not relay"):
@@ -330,12 +330,12 @@ async def test_circuit_over_its_byte_limit_is_closed_by_the_relay() -> None:
     b = await Node(PRIVATE).start()
     try:
         await reserve_through(b, relay)
-        conn = await a.traversal.connect_relayed(b.key.node_id, RelayedAddress(relay.key.node_id, *relay.addr))
+        conn = await a.traversal.relaying.connect(b.key.node_id, RelayedAddress(relay.key.node_id, *relay.addr))
         with pytest.raises(TransportError):
             for _ in range(20):
                 await conn.request("echo", bytes(10_000), timeout=2)
         await until(lambda: conn.closed.done())
-        assert relay.traversal.relay_service.circuits == {}
+        assert relay.traversal.relaying.service.circuits == {}
     finally:
         for n in (a, b, relay):
             await n.stop()
@@ -352,7 +352,7 @@ async def test_forged_relay_data_is_ignored() -> None:
         mallory.notify("relay.data", {"c": 1, "d": [b"\x00junk"], "f": KEYS[0].node_id.key})
         mallory.notify("relay.data", "not a map")
         await asyncio.sleep(0.2)
-        assert b.traversal._circuits == {}
+        assert b.traversal.relaying.circuits == {}
         assert b.endpoint.misbehaviour[str(a.key.node_id)] >= 1
     finally:
         for n in (a, b, relay):

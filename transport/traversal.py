@@ -8,10 +8,10 @@ node uses them:
    peer suffices to tell an endpoint-independent mapping (cone) from a symmetric one.
 2. Dial-back (AutoNAT v2): a peer sends a nonce to our observed address from a port we never
    talked to; if it arrives, the address is confirmed and advertised as direct.
-3. Relay: a node that is not confirmed public reserves a slot on a public peer and advertises
-   `RELAY@HOST:PORT/relay`. A dialer opens a circuit there; the relay forwards QUIC packets it
-   cannot read (relay.data notifications), and the two ends run their own authenticated QUIC
-   connection over it.
+3. Relay (`circuits.CircuitRelay`): a node that is not confirmed public reserves a slot on a
+   public peer and advertises `RELAY@HOST:PORT/relay`. A dialer opens a circuit there; the
+   relay forwards QUIC packets it cannot read (relay.data notifications), and the two ends
+   run their own authenticated QUIC connection over it.
 4. Upgrade (DCUtR): over the relayed connection the two ends exchange candidates and NAT kinds
    and open a direct path (`holepunch.HolePuncher`); the direct connection replaces the
    relayed one.
@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from hmnode.identity import NodeId, NodeKey
-from hmnode.transport.connection import RELAYED_PREFIX, Address, PeerConnection, RemoteError, TransportError
+from hmnode.transport.circuits import CircuitRelay
+from hmnode.transport.connection import Address, PeerConnection, RemoteError, TransportError
 from hmnode.transport.endpoint import Endpoint
 from hmnode.transport.holepunch import NONCE_BYTES, PUNCH_PROBE, RPC_TIMEOUT_S, HolePuncher
 from hmnode.transport.punch import MAX_PUNCH_ADDRESSES, BirthdayPlan
 from hmnode.transport.reachability import (DialBackRefused, ObservedAddresses, Reachability,
                                            check_dial_back, format_address, normalise_ip)
-from hmnode.transport.relay import RelayedAddress, RelayLimits, RelayRefused, RelayService, is_relayed
+from hmnode.transport.relay import RelayedAddress, RelayLimits, is_relayed
 from hmnode.transport.wire import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,6 @@ OBSERVE_ANSWER = b"\x00HMOR"
 OBSERVE_AGAIN_S = 10.0
 ADVERT_WAIT_S = 5.0
 PATH_CHECK_S = 2.0
-# relay.data carries up to this many QUIC packets of up to this size.
-MAX_PACKETS_PER_MESSAGE = 64
-MAX_RELAYED_PACKET = 16384
 MAX_DIAL_BACKS_SERVED = 8
 
 
@@ -78,21 +76,6 @@ class TraversalConfig:
     force_reachability: Reachability | None = None
 
 
-@dataclass
-class _Reservation:
-    relay: NodeId
-    addr: Address
-    expires_at: float
-
-
-@dataclass
-class _Circuit:
-    relay: NodeId
-    cid: int
-    pseudo: Address
-    peer: NodeId | None
-
-
 class NatTraversal:
     """Finds, opens and keeps the best path to each peer over one endpoint."""
 
@@ -107,10 +90,9 @@ class NatTraversal:
         self.addresses_of = addresses_of or (lambda node: [])
         self.on_addresses_changed = on_addresses_changed or (lambda: None)
         self.observed = ObservedAddresses()
-        self.relay_service = RelayService(config.relay)
-        self.reservation: _Reservation | None = None
-        self.relay_candidates: list[tuple[Address, NodeId | None]] = []
-        self._circuits: dict[tuple[NodeId, int], _Circuit] = {}
+        self.relaying = CircuitRelay(endpoint, config.relay,
+                                     lambda: self.reachability == Reachability.PUBLIC,
+                                     self.on_addresses_changed)
         self._dial_backs: dict[bytes, asyncio.Future] = {}
         self._observe_asks: dict[bytes, NodeId] = {}
         self._dial_backs_served = 0
@@ -134,14 +116,14 @@ class NatTraversal:
     def _install(self) -> None:
         handlers = self.endpoint.handlers
         handlers.rpc = {**handlers.rpc, "nat.observe": self._serve_observe,
-                        "nat.dialback": self._serve_dial_back, "relay.reserve": self._serve_reserve,
-                        "relay.connect": self._serve_connect,
+                        "nat.dialback": self._serve_dial_back, "relay.reserve": self.relaying.serve_reserve,
+                        "relay.connect": self.relaying.serve_connect,
                         "punch.start": self.puncher.serve_punch, "punch.spray": self.puncher.serve_spray}
         inner = handlers.notify
 
         def notify(conn: PeerConnection, topic: str, body: Any) -> None:
             if topic.startswith("relay."):
-                self._on_relay_notify(conn, topic, body)
+                self.relaying.on_notify(conn, topic, body)
             elif inner is not None:
                 inner(conn, topic, body)
 
@@ -183,8 +165,9 @@ class NatTraversal:
         the local interfaces' (reachable on the same LAN)."""
         now = self._now()
         out = [format_address(a) for a in self.observed.confirmed(now)]
-        if self.reservation is not None:
-            out.append(str(RelayedAddress(self.reservation.relay, *self.reservation.addr)))
+        relayed = self.relaying.relayed_address()
+        if relayed is not None:
+            out.append(str(relayed))
         out.extend(a for a in local if a not in out)
         return out[:16]
 
@@ -205,24 +188,19 @@ class NatTraversal:
     def status(self) -> dict[str, Any]:
         """For `hmnode status`: reachability, observed addresses, the reservation, the relay."""
         now = self._now()
-        res = self.reservation
-        return {**self.observed.snapshot(now),
-                "relay": None if res is None else {
-                    "relay": str(res.relay), "address": str(RelayedAddress(res.relay, *res.addr)),
-                    "expires_in_s": round(res.expires_at - now, 1)},
-                "relay_service": self.relay_service.snapshot(now)}
+        return {**self.observed.snapshot(now), **self.relaying.status(now)}
 
     def path_of(self, conn: PeerConnection) -> dict[str, Any]:
         """For `hmnode peers`: direct or relayed, and through which relay."""
         if conn.is_relayed:
-            circuit = next((c for c in self._circuits.values() if c.pseudo == conn.addr), None)
+            circuit = self.relaying.circuit_of(conn)
             return {"path": "relayed", "relay": str(circuit.relay) if circuit else None}
         return {"path": "direct", "relay": None}
 
     def dial_address(self, conn: PeerConnection) -> str:
         """An address others can dial this peer at, as membership passes it on."""
         if conn.is_relayed:
-            circuit = next((c for c in self._circuits.values() if c.pseudo == conn.addr), None)
+            circuit = self.relaying.circuit_of(conn)
             relay_conn = self.endpoint.peers.get(circuit.relay) if circuit else None
             if circuit is not None and relay_conn is not None and not relay_conn.is_relayed:
                 return str(RelayedAddress(circuit.relay, *relay_conn.addr[:2]))
@@ -256,27 +234,22 @@ class NatTraversal:
 
     async def _tick(self) -> None:
         now = self._now()
-        self.relay_service.expire(now)
+        self.relaying.service.expire(now)
         if now - self._dial_back_at > self.config.dial_back_every_s or (
                 self._dial_back_at == 0 and self.observed.addresses(now)):
             if self.observed.addresses(now) and "dialback" not in _names(self._tasks):
                 self._dial_back_at = now
                 self._spawn(self._check_reachability(), "dialback")
         if self.reachability == Reachability.PUBLIC:
-            if self.reservation is not None:
-                self.reservation = None
-                self.on_addresses_changed()
+            self.relaying.give_up_reservation()
         elif self.config.reserve and self._wants_relay(now) and "reserve" not in _names(self._tasks):
-            self._spawn(self._keep_reservation(now), "reserve")
+            self._spawn(self.relaying.keep_reservation(), "reserve")
         self._observe_again(now)
         self._keep_paths(now)
 
     def _wants_relay(self, now: float) -> bool:
-        res = self.reservation
-        if res is not None:
-            conn = self.endpoint.peers.get(res.relay)
-            lost = conn is None or not conn.is_established or conn.is_relayed
-            return lost or res.expires_at - now < self.config.relay.reservation_s / 2
+        if self.relaying.reservation is not None:
+            return self.relaying.wants_reservation(now)
         # Not public: a dial-back failed, or the mapping alone says NAT.
         return (self._dial_back_failed_at is not None or self.config.force_reachability is not None
                 or self.observed.mapping(now) == Reachability.SYMMETRIC)
@@ -295,6 +268,11 @@ class NatTraversal:
             return
         self._observed_from.add(conn.peer_id)
         self._spawn(self._observe(conn), f"observe-{conn.peer_id.short()}")
+
+    def _on_closed(self, conn: PeerConnection) -> None:
+        self.relaying.on_closed(conn)
+        if conn.peer_id is not None and self._punched.get(conn.peer_id) is conn:
+            del self._punched[conn.peer_id]
 
     def _local_ips(self) -> set[str]:
         """The IPs this node's sockets are bound to or advertise as its own interfaces'."""
@@ -439,206 +417,6 @@ class NatTraversal:
         elif kind == PUNCH_PROBE:
             self.puncher.probe_arrived(rest[:NONCE_BYTES], addr, via)
 
-    # --- relay: the serving side ------------------------------------------------------------
-
-    async def _serve_reserve(self, conn: PeerConnection, body: Any) -> dict[str, Any]:
-        if conn.is_relayed or conn.peer_id is None:
-            raise RemoteError("refused", "reserve over a direct connection")
-        if self.reachability != Reachability.PUBLIC:
-            raise RemoteError("refused", "this node is not publicly reachable, so it relays nothing")
-        try:
-            until = self.relay_service.reserve(conn.peer_id, self._now())
-        except RelayRefused as exc:
-            raise RemoteError("refused", str(exc)) from None
-        return {"expires_in_s": until - self._now(), "limits": {
-            "circuit_bytes": self.config.relay.circuit_bytes, "circuit_s": self.config.relay.circuit_s}}
-
-    async def _serve_connect(self, conn: PeerConnection, body: Any) -> dict[str, Any]:
-        try:
-            target = NodeId(bytes(body["to"]))
-        except (KeyError, TypeError, ValueError):
-            raise RemoteError("bad_request", "relay.connect takes {to: node key}") from None
-        if conn.peer_id is None or conn.is_relayed:
-            raise RemoteError("refused", "connect over a direct connection")
-        dst = self.endpoint.peers.get(target)
-        if dst is None or not dst.is_established or dst.is_relayed:
-            self.relay_service.release(target)
-            raise RemoteError("refused", f"{target.short()} is not connected to this relay")
-        try:
-            circuit = self.relay_service.open(conn.peer_id, target, self._now())
-        except RelayRefused as exc:
-            raise RemoteError("refused", str(exc)) from None
-        log.debug("relay circuit %d: %s -> %s", circuit.cid, conn.peer_id.short(), target.short())
-        return {"c": circuit.cid}
-
-    def _relay_forward(self, conn: PeerConnection, body: dict[str, Any]) -> bool:
-        """As the relay: carry packets to the circuit's other end. False if not ours."""
-        cid = body.get("c")
-        if not isinstance(cid, int) or cid not in self.relay_service.circuits or conn.peer_id is None:
-            return False
-        data = _packets(body.get("d"))
-        if data is None:
-            return True
-        circuit = self.relay_service.circuits[cid]
-        if conn.peer_id not in (circuit.src, circuit.dst):
-            return False
-        try:
-            other, over = self.relay_service.carry(cid, conn.peer_id, sum(map(len, data)), self._now())
-        except RelayRefused:
-            return True
-        out = self.endpoint.peers.get(other)
-        if over is not None or out is None or out.is_relayed:
-            self._close_served_circuit(cid, over or "the other end left the relay")
-            return True
-        message: dict[str, Any] = {"c": cid, "d": data}
-        if other == circuit.dst:
-            message["f"] = circuit.src.key
-        with contextlib.suppress(TransportError):
-            out.notify("relay.data", message)
-        return True
-
-    def _close_served_circuit(self, cid: int, reason: str) -> None:
-        circuit = self.relay_service.close(cid)
-        if circuit is None:
-            return
-        for end in (circuit.src, circuit.dst):
-            conn = self.endpoint.peers.get(end)
-            if conn is not None and conn.is_established:
-                with contextlib.suppress(TransportError):
-                    conn.notify("relay.close", {"c": cid, "reason": reason})
-
-    # --- relay: the using side --------------------------------------------------------------
-
-    def _on_relay_notify(self, conn: PeerConnection, topic: str, body: Any) -> None:
-        if conn.peer_id is None or not isinstance(body, dict):
-            self.endpoint.record_misbehaviour(conn, f"malformed {topic}")
-            return
-        if topic == "relay.data":
-            if self._relay_forward(conn, body):
-                return
-            self._circuit_data(conn.peer_id, body)
-        elif topic == "relay.close":
-            cid = body.get("c")
-            if isinstance(cid, int):
-                if cid in self.relay_service.circuits:
-                    circuit = self.relay_service.circuits[cid]
-                    if conn.peer_id in (circuit.src, circuit.dst):
-                        self._close_served_circuit(cid, "closed by one end")
-                        return
-                self._drop_circuit(conn.peer_id, cid)
-        else:
-            self.endpoint.record_misbehaviour(conn, f"unknown topic {topic!r}")
-
-    def _circuit_data(self, relay: NodeId, body: dict[str, Any]) -> None:
-        cid, data = body.get("c"), _packets(body.get("d"))
-        if not isinstance(cid, int) or data is None:
-            return
-        circuit = self._circuits.get((relay, cid))
-        if circuit is None:
-            # A circuit opened to us: only through the relay we reserved on.
-            if self.reservation is None or self.reservation.relay != relay:
-                return
-            try:
-                src = NodeId(bytes(body.get("f") or b""))
-            except (TypeError, ValueError):
-                return
-            circuit = self._add_circuit(relay, cid, src)
-        for packet in data:
-            self.endpoint.datagram_received(packet, circuit.pseudo, via="relay")
-
-    def _add_circuit(self, relay: NodeId, cid: int, peer: NodeId | None) -> _Circuit:
-        pseudo = (f"{RELAYED_PREFIX}{relay}/{cid}", 0)
-        circuit = _Circuit(relay, cid, pseudo, peer)
-        self._circuits[(relay, cid)] = circuit
-
-        pending: list[bytes] = []
-
-        def flush() -> None:
-            batch = pending[:]
-            pending.clear()
-            conn = self.endpoint.peers.get(relay)
-            if conn is None or not conn.is_established or conn.is_relayed:
-                return
-            for start in range(0, len(batch), MAX_PACKETS_PER_MESSAGE):
-                with contextlib.suppress(TransportError):
-                    conn.notify("relay.data", {"c": cid, "d": batch[start:start + MAX_PACKETS_PER_MESSAGE]})
-
-        def carry(data: bytes) -> None:
-            # What QUIC sends in one turn of the loop travels in one message (one stream).
-            if not pending:
-                asyncio.get_running_loop().call_soon(flush)
-            pending.append(data)
-
-        self.endpoint.add_circuit(pseudo, carry)
-        return circuit
-
-    def _drop_circuit(self, relay: NodeId, cid: int) -> None:
-        circuit = self._circuits.pop((relay, cid), None)
-        if circuit is not None:
-            self.endpoint.remove_circuit(circuit.pseudo)
-
-    def _on_closed(self, conn: PeerConnection) -> None:
-        if conn.peer_id is None:
-            return
-        if conn.peer_id not in self.endpoint.peers:
-            for circuit in self.relay_service.close_peer(conn.peer_id):
-                other = circuit.dst if circuit.src == conn.peer_id else circuit.src
-                out = self.endpoint.peers.get(other)
-                if out is not None and out.is_established:
-                    with contextlib.suppress(TransportError):
-                        out.notify("relay.close", {"c": circuit.cid, "reason": "other end left"})
-            for relay, cid in [k for k in self._circuits if k[0] == conn.peer_id]:
-                self._drop_circuit(relay, cid)
-        if self._punched.get(conn.peer_id) is conn:
-            del self._punched[conn.peer_id]
-        if conn.is_relayed:
-            for key, circuit in list(self._circuits.items()):
-                if circuit.pseudo == conn.addr:
-                    self._drop_circuit(*key)
-                    relay_conn = self.endpoint.peers.get(circuit.relay)
-                    if relay_conn is not None and relay_conn.is_established:
-                        with contextlib.suppress(TransportError):
-                            relay_conn.notify("relay.close", {"c": circuit.cid})
-
-    async def _keep_reservation(self, now: float) -> None:
-        """Reserve (or renew) a slot on a public peer: a known relay first, then any peer."""
-        tried: list[NodeId] = []
-        if self.reservation is not None:
-            tried.append(self.reservation.relay)
-        order = [peer for _, peer in self.relay_candidates if peer is not None]
-        order += [p for p, c in self.endpoint.peers.items() if not c.is_relayed and p not in order]
-        if self.reservation is not None:
-            order.insert(0, self.reservation.relay)
-        for peer in dict.fromkeys(order):
-            conn = self.endpoint.peers.get(peer)
-            if conn is None:
-                addr = next((a for a, p in self.relay_candidates if p == peer), None)
-                if addr is None:
-                    continue
-                try:
-                    conn = await self.endpoint.connect(addr, peer, timeout=RPC_TIMEOUT_S)
-                except TransportError:
-                    continue
-            if conn.is_relayed or not conn.is_established:
-                continue
-            try:
-                answer = await conn.request("relay.reserve", {}, timeout=RPC_TIMEOUT_S)
-                expires = float(answer["expires_in_s"])
-            except (TransportError, KeyError, TypeError, ValueError):
-                continue
-            changed = self.reservation is None or self.reservation.relay != peer
-            self.reservation = _Reservation(peer, conn.addr[:2], self._now() + expires)  # type: ignore[arg-type]
-            if changed:
-                log.info("relay reservation on %s at %s", peer.short(), format_address(conn.addr[:2]))
-                self.on_addresses_changed()
-            return
-        if self.reservation is not None:
-            conn = self.endpoint.peers.get(self.reservation.relay)
-            if conn is None or not conn.is_established:
-                log.info("lost the relay reservation on %s", self.reservation.relay.short())
-                self.reservation = None
-                self.on_addresses_changed()
-
     # --- connecting to a peer ---------------------------------------------------------------
 
     async def connect(self, peer: NodeId, hint: str | None = None,
@@ -679,7 +457,7 @@ class NatTraversal:
                 errors.append(str(exc))
         for address in relayed:
             try:
-                conn = await self.connect_relayed(peer, address, timeout)
+                conn = await self.relaying.connect(peer, address, timeout)
             except TransportError as exc:
                 errors.append(str(exc))
                 continue
@@ -729,26 +507,6 @@ class NatTraversal:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         raise TransportError("; ".join(errors) or "no address to dial")
-
-    async def connect_relayed(self, peer: NodeId, address: RelayedAddress,
-                              timeout: float = 10.0) -> PeerConnection:
-        """Open a circuit through `address`'s relay and a QUIC connection to `peer` over it."""
-        if address.relay == self.me:
-            raise TransportError(f"{peer.short()} is relayed by this node, and is not connected to it")
-        relay = await self.endpoint.connect((address.host, address.port), address.relay, timeout=timeout)
-        try:
-            answer = await relay.request("relay.connect", {"to": peer.key}, timeout=RPC_TIMEOUT_S)
-            cid = int(answer["c"])
-        except RemoteError as exc:
-            raise TransportError(f"relay {address.relay.short()} refused: {exc}") from None
-        except (KeyError, TypeError, ValueError):
-            raise TransportError(f"relay {address.relay.short()} answered nonsense") from None
-        circuit = self._add_circuit(address.relay, cid, peer)
-        try:
-            return await self.endpoint.connect(circuit.pseudo, peer, timeout=timeout)
-        except TransportError:
-            self._drop_circuit(address.relay, cid)
-            raise
 
     # --- upgrading a relayed connection to a direct path ------------------------------------
 
@@ -818,14 +576,6 @@ def _parse(text: str) -> Address:
 
     hp = HostPort.parse(text)
     return (hp.host, hp.port)
-
-
-def _packets(value: Any) -> list[bytes] | None:
-    """The packets of a relay.data message, or None if it is not a bounded list of bytes."""
-    if (not isinstance(value, list) or not 0 < len(value) <= MAX_PACKETS_PER_MESSAGE
-            or not all(isinstance(p, bytes) and len(p) <= MAX_RELAYED_PACKET for p in value)):
-        return None
-    return value
 
 
 def _is_loopback(text: str) -> bool:
