@@ -148,18 +148,23 @@ class AdvertStore:
 
     def check(self, advert: Advert, now: float) -> None:
         """Raise AdvertRejected if `advert` would not be accepted now (nothing changes)."""
-        if not self.verifier(advert):
-            raise AdvertRejected(f"advert of {advert.node_id.short()} seq {advert.seq} has a bad signature")
-        if advert.expires_at <= now:
-            raise AdvertRejected(f"advert of {advert.node_id.short()} seq {advert.seq} has expired")
-        if advert.issued_at > now + MAX_CLOCK_SKEW_S or advert.expires_at - advert.issued_at > MAX_TTL_S:
-            raise AdvertRejected(f"advert of {advert.node_id.short()} claims implausible times")
+        self.check_genuine(advert, now)
         known = self._adverts.get(advert.node_id)
         if known is not None and advert.seq <= known.seq:
             raise AdvertRejected(
                 f"advert of {advert.node_id.short()} seq {advert.seq} is not newer than {known.seq}")
         if known is None and len(self._adverts) >= self.max_adverts:
             raise AdvertRejected(f"advert store full ({self.max_adverts} nodes)")
+
+    def check_genuine(self, advert: Advert, now: float) -> None:
+        """Raise AdvertRejected unless `advert` is signed by its node and current, whether or
+        not it is newer than the one held."""
+        if not self.verifier(advert):
+            raise AdvertRejected(f"advert of {advert.node_id.short()} seq {advert.seq} has a bad signature")
+        if advert.expires_at <= now:
+            raise AdvertRejected(f"advert of {advert.node_id.short()} seq {advert.seq} has expired")
+        if advert.issued_at > now + MAX_CLOCK_SKEW_S or advert.expires_at - advert.issued_at > MAX_TTL_S:
+            raise AdvertRejected(f"advert of {advert.node_id.short()} claims implausible times")
 
     def offer(self, advert: Advert, now: float) -> None:
         """Keep `advert` if it is valid and newer than what is known; else AdvertRejected."""

@@ -197,10 +197,13 @@ class Broadcast:
     """The Plumtree broadcast state of one node; feed it events, drain its outbox and events."""
 
     def __init__(self, me: NodeId, rng: random.Random,
-                 validate: Callable[[bytes, Any], bool] = lambda mid, payload: True,
+                 validate: Callable[[bytes, Any], bool | None] = lambda mid, payload: True,
                  config: BroadcastConfig = BroadcastConfig()) -> None:
-        """Start with no neighbours; `validate(msg_id, payload)` vets every received payload
-        (True accepts; False or an exception rejects it and reports the sender)."""
+        """Start with no neighbours; `validate(msg_id, payload)` vets every received payload:
+        True accepts it; None means genuine but superseded (an honest peer may pass on an old
+        version that a newer one overtook), so it is remembered as seen and neither delivered
+        nor passed on, and nobody is blamed; False or an exception rejects it and reports the
+        sender."""
         self.me = me
         self.config = config
         self.stats = BroadcastStats()
@@ -402,7 +405,11 @@ class Broadcast:
                 self.stats.prunes_sent += 1
             return
         try:
-            valid = bool(self._validate(msg_id, payload))
+            verdict = self._validate(msg_id, payload)
+            if verdict is None:
+                self._remember(msg_id, hops, sender, now)
+                return
+            valid = bool(verdict)
             reason = "payload failed validation"
         except Exception as exc:  # noqa: BLE001 - a payload must not crash the node
             # A validator that chokes on a peer's payload is that payload's fault; the
@@ -463,9 +470,7 @@ class Broadcast:
     def _accept(self, msg_id: bytes, payload: Any, sender: NodeId | None, hops: int,
                 now: float) -> None:
         """Deliver a first copy, remember it, and pass it on: whole to eager, ids to lazy."""
-        while len(self._seen) >= self.config.max_seen:
-            self._forget_oldest()
-        self._seen[msg_id] = _Seen(now, hops, sender)
+        self._remember(msg_id, hops, sender, now)
         while len(self._payloads) >= self.config.max_payload_cache:
             self._payloads.popitem(last=False)
         self._payloads[msg_id] = payload
@@ -486,6 +491,13 @@ class Broadcast:
         # otherwise never learn of the message. It costs one batched id per tree link.
         for peer in sorted(p for p in self._neighbors if p != sender):
             self._queue_ihave(peer, msg_id, forward_hops, now)
+
+    def _remember(self, msg_id: bytes, hops: int, sender: NodeId | None, now: float) -> None:
+        """Mark an id seen (so no IHAVE fetches it again), within the bound on what is kept."""
+        while len(self._seen) >= self.config.max_seen:
+            self._forget_oldest()
+        self._seen[msg_id] = _Seen(now, hops, sender)
+        self._missing.pop(msg_id, None)
 
     def _queue_ihave(self, peer: NodeId, msg_id: bytes, hops: int, now: float) -> None:
         pending = self._ihave_pending.get(peer)

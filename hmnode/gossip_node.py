@@ -323,11 +323,14 @@ class GossipNode:
 
     # --- adverts ----------------------------------------------------------------------------
 
-    def _valid_advert(self, msg_id: bytes, payload: Any) -> bool:
+    def _valid_advert(self, msg_id: bytes, payload: Any) -> bool | None:
         try:
             advert = Advert.from_wire(payload)
             if advert.msg_id != msg_id:
                 return False
+            self.adverts.check_genuine(advert, self.env.clock.now())
+            if not self.adverts.is_news(advert):
+                return None  # genuine, but a newer one overtook it: nobody's fault
             self.adverts.check(advert, self.env.clock.now())
         except AdvertRejected:
             return False

@@ -455,6 +455,19 @@ def test_invalid_payload_is_neither_delivered_nor_forwarded() -> None:
     assert [e.payload for e in net.cores[1].take_events()] == [b"fine"]
 
 
+def test_a_superseded_payload_is_seen_but_neither_delivered_forwarded_nor_blamed() -> None:
+    def validate(msg_id: bytes, payload: Any) -> bool | None:
+        return None if payload == b"old" else True
+
+    net = Net(3, [(0, 1), (1, 2)], seed=1, validate=validate)
+    net.broadcast(0, b"v1", b"old")
+    net.run(2.0)
+    assert (1, b"v1") not in net.delivered and (2, b"v1") not in net.delivered
+    assert net.cores[1].has_seen(b"v1")  # an IHAVE for it fetches nothing
+    assert net.misbehaved == [] and net.cores[1].stats.invalid == 0
+    assert all(dst != 2 for _, _, dst, _ in net.sent)
+
+
 def test_a_validator_that_raises_rejects_the_payload() -> None:
     def validate(msg_id: bytes, payload: Any) -> bool:
         return payload["ok"]  # raises on anything but a map with "ok"

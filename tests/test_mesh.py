@@ -73,7 +73,7 @@ def test_join_that_fails_says_why_and_exits_non_zero(tmp_path: Path, agents) -> 
     assert nobody.returncode == 1 and "could not join" in nobody.stderr
 
 
-def test_forged_and_replayed_adverts_are_refused_and_counted(tmp_path: Path, agents) -> None:
+def test_forged_and_replayed_adverts_are_refused_and_forgeries_counted(tmp_path: Path, agents) -> None:
     a = agents(tmp_path / "a")
     status = a.wait_ready()
     host, port = status["addresses"][0].rsplit(":", 1)
@@ -108,7 +108,9 @@ def test_forged_and_replayed_adverts_are_refused_and_counted(tmp_path: Path, age
     assert str(victim_key.node_id) not in adverts
     assert set(adverts) == {status["node_id"], str(rogue_key.node_id)}
     views = _json("peers", "--json", "--data-dir", tmp_path / "a")
-    assert views["misbehaviour"][str(rogue_key.node_id)] >= 2
+    # The forgery counts against the rogue; the older advert does not, since an honest peer
+    # passes one on when a newer one overtook it.
+    assert views["misbehaviour"][str(rogue_key.node_id)] >= 1
 
 
 def test_connect_status_and_peers_show_paths_and_reachability(tmp_path: Path, agents) -> None:
