@@ -329,6 +329,12 @@ class GossipNode:
             if advert.msg_id != msg_id:
                 return False
             self.adverts.check_genuine(advert, self.env.clock.now())
+            held = self.adverts.get(advert.node_id)
+            if held is not None and held.msg_id == msg_id:
+                # This very advert, already taken from anti-entropy (a new neighbour's sync
+                # often wins the race with its broadcast): the broadcast must still pass it on,
+                # or it dies at the first hop and spreads only by the slow digest exchange.
+                return True
             if not self.adverts.is_news(advert):
                 return None  # genuine, but a newer one overtook it: nobody's fault
             self.adverts.check(advert, self.env.clock.now())

@@ -180,6 +180,30 @@ def test_an_advert_made_before_any_neighbour_goes_down_the_tree_at_the_first() -
                if adv.node_id == late.id)
 
 
+def test_an_advert_first_taken_by_sync_is_still_passed_on_by_the_broadcast() -> None:
+    # A new neighbour's digest exchange often delivers an advert before its broadcast copy
+    # arrives. That copy must still go on down the tree: treated as stale, the broadcast died
+    # at the first hop and the advert crawled by anti-entropy (300 nodes failed to converge).
+    world = _World()
+    hosts = [world.host(anti_entropy_s=600.0) for _ in range(6)]
+    for host in hosts[1:]:
+        host.node.join(hosts[0].peer)
+        world.clock.run_until(world.clock.now + 0.5)
+    world.clock.run_until(10.0)
+    origin, relay = hosts[0], hosts[1]
+    origin.inventory = {"cpu": {"cores": 4}}
+    advert = origin.node.publish()  # its broadcast is now on the wire
+    relay.node.receive(hosts[2].peer, "sync-ans", {"adverts": [advert.to_wire()]})
+    assert relay.node.adverts.get(origin.id) == advert
+    sent_before = sum(1 for _, topic in relay.sent if topic == "bc")
+    world.clock.run_until(11.0)
+    assert relay.node.broadcast.has_seen(advert.msg_id)
+    assert sum(1 for _, topic in relay.sent if topic == "bc") > sent_before  # passed on
+    assert relay.complaints == []
+    for host in hosts:
+        assert host.node.adverts.get(origin.id) == advert
+
+
 def test_anti_entropy_sends_only_what_the_peer_lacks() -> None:
     world = _World()
     a, b = world.host(), world.host()
