@@ -149,6 +149,11 @@ class AdvertStore:
     def check(self, advert: Advert, now: float) -> None:
         """Raise AdvertRejected if `advert` would not be accepted now (nothing changes)."""
         self.check_genuine(advert, now)
+        self.check_fits(advert)
+
+    def check_fits(self, advert: Advert) -> None:
+        """Raise AdvertRejected unless `advert` is newer than the one held and there is room
+        for it (its signature is `check_genuine`'s business)."""
         known = self._adverts.get(advert.node_id)
         if known is not None and advert.seq <= known.seq:
             raise AdvertRejected(

@@ -24,6 +24,7 @@ from hmnode.store import Store
 from hmnode.transport.connection import PeerConnection, TransportError
 from hmnode.transport.endpoint import Endpoint
 from hmnode.transport.redial import Backoff
+from hmnode.transport.reachability import format_address, parse_address
 from hmnode.transport.traversal import NatTraversal
 from hmnode.transport.wire import WireError
 
@@ -34,14 +35,9 @@ DIAL_TIMEOUT_S = 5.0
 BOOTSTRAP_BACKOFF = Backoff(base_s=1.0, cap_s=60.0)
 
 
-def format_addr(addr: tuple) -> str:
-    """A socket address as HOST:PORT (IPv6 in brackets)."""
-    return str(HostPort(addr[0], addr[1]))
-
-
-def parse_addr(text: str) -> tuple[str, int]:
-    hp = HostPort.parse(text)
-    return hp.host, hp.port
+# The one writer and reader of HOST:PORT socket addresses, under the names the agent uses.
+format_addr = format_address
+parse_addr = parse_address
 
 
 class NodeNotStarted(HmnodeError):

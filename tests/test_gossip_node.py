@@ -159,16 +159,23 @@ def test_sim_store_commits_are_atomic_and_a_crash_drops_only_the_unsynced() -> N
 
 # --- gossip ---------------------------------------------------------------------------------
 
+def _joined(world: "_World", n: int) -> list[_Host]:
+    """`n` nodes joined through the first, settled at t=10 s, anti-entropy slowed to a crawl
+    (so that only the broadcast can spread an advert in time)."""
+    hosts = [world.host(anti_entropy_s=600.0) for _ in range(n)]
+    for host in hosts[1:]:
+        host.node.join(hosts[0].peer)
+        world.clock.run_until(world.clock.now + 0.5)
+    world.clock.run_until(10.0)
+    return hosts
+
+
 def test_an_advert_made_before_any_neighbour_goes_down_the_tree_at_the_first() -> None:
     # Anti-entropy is slowed to a crawl here, so only the broadcast can spread the adverts in
     # time. A node advertises before its join completes; broadcast then, its advert would reach
     # nobody and spread a hop per few anti-entropy rounds (found at 1000 simulated nodes).
     world = _World()
-    hosts = [world.host(anti_entropy_s=600.0) for _ in range(6)]
-    for host in hosts[1:]:
-        host.node.join(hosts[0].peer)
-        world.clock.run_until(world.clock.now + 0.5)
-    world.clock.run_until(10.0)
+    hosts = _joined(world, 6)
     late = world.host(anti_entropy_s=600.0)
     world.clock.run_until(11.0)
     assert late.node.own is not None  # advertised alone
@@ -185,11 +192,7 @@ def test_an_advert_first_taken_by_sync_is_still_passed_on_by_the_broadcast() -> 
     # arrives. That copy must still go on down the tree: treated as stale, the broadcast died
     # at the first hop and the advert crawled by anti-entropy (300 nodes failed to converge).
     world = _World()
-    hosts = [world.host(anti_entropy_s=600.0) for _ in range(6)]
-    for host in hosts[1:]:
-        host.node.join(hosts[0].peer)
-        world.clock.run_until(world.clock.now + 0.5)
-    world.clock.run_until(10.0)
+    hosts = _joined(world, 6)
     origin, relay = hosts[0], hosts[1]
     origin.inventory = {"cpu": {"cores": 4}}
     advert = origin.node.publish()  # its broadcast is now on the wire

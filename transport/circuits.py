@@ -50,7 +50,6 @@ class _Circuit:
     relay: NodeId
     cid: int
     pseudo: Address
-    peer: NodeId | None
 
 
 class CircuitRelay:
@@ -223,16 +222,16 @@ class CircuitRelay:
             if self.reservation is None or self.reservation.relay != relay:
                 return
             try:
-                src = NodeId(bytes(body.get("f") or b""))
+                NodeId(bytes(body.get("f") or b""))  # the relay names who opened it
             except (TypeError, ValueError):
                 return
-            circuit = self.add_circuit(relay, cid, src)
+            circuit = self.add_circuit(relay, cid)
         for packet in data:
             self.endpoint.datagram_received(packet, circuit.pseudo, via="relay")
 
-    def add_circuit(self, relay: NodeId, cid: int, peer: NodeId | None) -> _Circuit:
+    def add_circuit(self, relay: NodeId, cid: int) -> _Circuit:
         pseudo = (f"{RELAYED_PREFIX}{relay}/{cid}", 0)
-        circuit = _Circuit(relay, cid, pseudo, peer)
+        circuit = _Circuit(relay, cid, pseudo)
         self.circuits[(relay, cid)] = circuit
 
         pending: list[bytes] = []
@@ -311,7 +310,7 @@ class CircuitRelay:
             raise TransportError(f"relay {address.relay.short()} refused: {exc}") from None
         except (KeyError, TypeError, ValueError):
             raise TransportError(f"relay {address.relay.short()} answered nonsense") from None
-        circuit = self.add_circuit(address.relay, cid, peer)
+        circuit = self.add_circuit(address.relay, cid)
         try:
             return await self.endpoint.connect(circuit.pseudo, peer, timeout=timeout)
         except TransportError:

@@ -53,7 +53,7 @@ class ConnectionLimits:
     keepalive_s: float = 10.0
     connect_timeout_s: float = 10.0
     # A direct connection older than this gives way to a peer's new relayed one.
-    silent_path_s: float = 1.5
+    direct_grace_s: float = 1.5
 
 
 class _Socket(asyncio.DatagramProtocol):
@@ -345,7 +345,7 @@ class Endpoint:
             # upgrade runs over an existing relayed connection, never the other way round), so
             # believe it: the direct path is dead at its end. A direct connection younger than
             # the grace is kept, in case the two crossed.
-            return new if time.monotonic() - old.created_at > self.limits.silent_path_s else old
+            return new if time.monotonic() - old.created_at > self.limits.direct_grace_s else old
         if old.is_client == new.is_client:
             return new  # a redial (say, after the peer restarted): the old one is stale
         # Opposite directions: keep the one dialled by the smaller node id, on both ends.

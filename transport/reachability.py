@@ -16,6 +16,8 @@ import enum
 import ipaddress
 from dataclasses import dataclass
 
+from hmnode.config import HostPort
+
 Address = tuple[str, int]
 
 # Reports kept, newest first; old ones age out so that a moved laptop relearns.
@@ -124,8 +126,14 @@ class ObservedAddresses:
 
 
 def format_address(addr: Address) -> str:
-    """HOST:PORT, IPv6 in brackets."""
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+    """HOST:PORT, IPv6 in brackets (as `HostPort` writes it)."""
+    return str(HostPort(addr[0], addr[1]))
+
+
+def parse_address(text: str) -> Address:
+    """(host, port) from HOST:PORT or [IPv6]:PORT; ValueError naming the expected form."""
+    hp = HostPort.parse(text)
+    return (hp.host, hp.port)
 
 
 class DialBackRefused(Exception):

@@ -38,7 +38,8 @@ from hmnode.transport.endpoint import Endpoint
 from hmnode.transport.holepunch import NONCE_BYTES, PUNCH_PROBE, RPC_TIMEOUT_S, HolePuncher
 from hmnode.transport.punch import MAX_PUNCH_ADDRESSES, BirthdayPlan
 from hmnode.transport.reachability import (DialBackRefused, ObservedAddresses, Reachability,
-                                           check_dial_back, format_address, normalise_ip)
+                                           check_dial_back, format_address, normalise_ip,
+                                           parse_address)
 from hmnode.transport.relay import RelayedAddress, RelayLimits, is_relayed
 from hmnode.transport.wire import ErrorCode
 
@@ -178,7 +179,7 @@ class NatTraversal:
         for text in self.addresses_of(self.me):
             if not is_relayed(text):
                 with contextlib.suppress(ValueError):
-                    out.append(_parse(text))
+                    out.append(parse_address(text))
         seen: list[Address] = []
         for a in out:
             if a not in seen:
@@ -280,7 +281,7 @@ class NatTraversal:
         for text in self.addresses_of(self.me):
             if not is_relayed(text):
                 with contextlib.suppress(ValueError):
-                    ips.add(normalise_ip(_parse(text)[0]))
+                    ips.add(normalise_ip(parse_address(text)[0]))
         return ips
 
     def _behind_nat(self, peer: NodeId) -> bool:
@@ -448,7 +449,7 @@ class NatTraversal:
                 if is_relayed(text):
                     relayed.append(RelayedAddress.parse(text))
                 else:
-                    direct.append(_parse(text))
+                    direct.append(parse_address(text))
         errors: list[str] = []
         if direct and not relayed:
             try:
@@ -571,16 +572,9 @@ class NatTraversal:
         self._next_direct_try[peer] = self._now() + self.config.direct_retry_s
 
 
-def _parse(text: str) -> Address:
-    from hmnode.config import HostPort  # the one parser of HOST:PORT
-
-    hp = HostPort.parse(text)
-    return (hp.host, hp.port)
-
-
 def _is_loopback(text: str) -> bool:
     try:
-        return ipaddress.ip_address(_parse(text)[0]).is_loopback
+        return ipaddress.ip_address(parse_address(text)[0]).is_loopback
     except ValueError:
         return False
 
