@@ -206,7 +206,26 @@ INVENTORY: Table[str, Inventory] = Table("inventory", TextKey, InventoryCodec())
 PEERS: Table[bytes, KnownPeer] = Table("peers", BytesKey, DataclassCodec(KnownPeer))
 ADVERTS: Table[bytes, Advert] = Table("adverts", BytesKey, AdvertCodec())
 
-TABLES: tuple[Table, ...] = (META, RUNS, EVENTS, INVENTORY, PEERS, ADVERTS)
+# The chain (hmnode.consensus.chain): blocks and their commit certificates by height, encoded as
+# on the wire; the head and genesis; what each transaction did; every sender's last nonce; the
+# validator set of each epoch; this validator's signing state (persisted before it sends) and
+# the equivocation evidence it has seen.
+CHAIN: Table[str, Any] = Table("chain", TextKey, AnyCodec())
+BLOCKS: Table[int, bytes] = Table("blocks", SeqKey, AnyCodec())
+CERTIFICATES: Table[int, bytes] = Table("certificates", SeqKey, AnyCodec())
+TX_RESULTS: Table[bytes, list] = Table("tx_results", BytesKey, AnyCodec())
+NONCES: Table[bytes, int] = Table("nonces", BytesKey, AnyCodec())
+VALIDATOR_SETS: Table[int, list] = Table("validator_sets", SeqKey, AnyCodec())
+SIGNER: Table[str, list] = Table("signer", TextKey, AnyCodec())
+EVIDENCE: Table[bytes, bytes] = Table("evidence", BytesKey, AnyCodec())
+# The key-value application (hmnode.consensus.kvapp): its keys, and the validator power each
+# validator asked for (applied at the next epoch boundary).
+KV: Table[bytes, bytes] = Table("kv", BytesKey, AnyCodec())
+KV_POWER: Table[bytes, int] = Table("kv_power", BytesKey, AnyCodec())
+
+TABLES: tuple[Table, ...] = (META, RUNS, EVENTS, INVENTORY, PEERS, ADVERTS, CHAIN, BLOCKS,
+                             CERTIFICATES, TX_RESULTS, NONCES, VALIDATOR_SETS, SIGNER, EVIDENCE,
+                             KV, KV_POWER)
 
 # Keys of the meta table.
 META_SCHEMA_VERSION = "schema_version"
@@ -218,3 +237,9 @@ INVENTORY_LATEST = "latest"
 EVENTS_KEPT = 10_000
 # Known peers kept on disk: the most recently seen survive.
 PEERS_KEPT = 1_000
+
+# Keys of the chain table.
+CHAIN_GENESIS = "genesis"
+CHAIN_HEAD = "head"
+# The one key of the signer table.
+SIGNER_STATE = "state"
