@@ -284,8 +284,10 @@ class Proposal:
                        f.bytes("signature", (SIG_BYTES,)))
         if proposal.valid_round >= proposal.round:
             raise MessageRejected("proposal: its valid round is not before its round")
-        if proposal.block.height != proposal.height or proposal.block.header.proposer != proposal.proposer:
-            raise MessageRejected("proposal: its block is for another height or proposer")
+        # The block's own proposer may be another validator: a proposer re-proposes the block
+        # an earlier round found valid, unchanged.
+        if proposal.block.height != proposal.height:
+            raise MessageRejected("proposal: its block is for another height")
         return proposal
 
     @classmethod

@@ -2,17 +2,18 @@
 commit certificate against it.
 
 A quorum is more than 2/3 of the total power and "f+1" is more than 1/3, so with n = 3f+1
-equal validators a quorum is 2f+1 of them. The proposer of (height, round) walks the validators
-in key order, each holding a run of slots as long as its power, so over many rounds each one
-proposes in proportion to its stake and a silent proposer costs one round, never more.
+equal validators a quorum is 2f+1 of them. Each height draws an order of all validators,
+weighted by stake, and round r's proposer is the r-th of it: the first proposer of a height is
+drawn in proportion to stake, and within a height no validator proposes twice before every
+other one has, so f Byzantine proposers cost at most f rounds in a row.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from hmnode.identity import NodeId, verify
 
@@ -29,7 +30,7 @@ class ValidatorSet:
     members: tuple[tuple[bytes, int], ...]
     total: int = field(init=False, compare=False)
     _power: dict[bytes, int] = field(init=False, compare=False, repr=False)
-    _ends: list[int] = field(init=False, compare=False, repr=False)
+    _orders: dict[int, tuple[bytes, ...]] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         keys = [k for k, _ in self.members]
@@ -41,12 +42,8 @@ class ValidatorSet:
             if len(key) != ID_BYTES or not 0 < power <= MAX_POWER:
                 raise ValueError(f"a validator is a 32-byte key with power 1..{MAX_POWER}")
         object.__setattr__(self, "_power", dict(self.members))
-        ends, total = [], 0
-        for _, power in self.members:
-            total += power
-            ends.append(total)
-        object.__setattr__(self, "_ends", ends)
-        object.__setattr__(self, "total", total)
+        object.__setattr__(self, "total", sum(p for _, p in self.members))
+        object.__setattr__(self, "_orders", {})
 
     @classmethod
     def of(cls, powers: Iterable[tuple[bytes, int]]) -> "ValidatorSet":
@@ -73,10 +70,31 @@ class ValidatorSet:
 
     def proposer(self, height: int, round_: int) -> bytes:
         """The validator that proposes at (height, round)."""
-        slot = (height + round_) % self.total
-        return self.members[bisect.bisect_right(self._ends, slot)][0]
+        order = self._orders.get(height)
+        if order is None:
+            if len(self._orders) >= 64:
+                self._orders.clear()
+            order = self._orders[height] = self._proposer_order(height)
+        return order[round_ % len(order)]
 
-    @property
+    def _proposer_order(self, height: int) -> tuple[bytes, ...]:
+        # Stake-weighted sampling without replacement, in integers only (every platform must
+        # agree): each draw picks from the validators not yet drawn, by a hash of the height.
+        remaining = list(self.members)
+        order: list[bytes] = []
+        while remaining:
+            seed = hashlib.sha256(b"proposer" + height.to_bytes(8, "big")
+                                  + len(order).to_bytes(2, "big") + self.hash).digest()
+            slot = int.from_bytes(seed, "big") % sum(p for _, p in remaining)
+            for i, (key, power) in enumerate(remaining):
+                if slot < power:
+                    order.append(key)
+                    del remaining[i]
+                    break
+                slot -= power
+        return tuple(order)
+
+    @cached_property
     def hash(self) -> bytes:
         """What a block header names, so a certificate is checked against the right set."""
         return hashlib.sha256(pack([[k, p] for k, p in self.members])).digest()

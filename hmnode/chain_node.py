@@ -144,10 +144,15 @@ class ChainNode:
         if not isinstance(msgs, list) or len(msgs) > MAX_MSGS_PER_MESSAGE:
             raise MessageRejected("chain.consensus: msgs is not a bounded list")
         now = self.env.clock.now()
-        for kind, raw in msgs:
-            msg: Message = Proposal.decode(raw) if kind == "p" else Vote.decode(raw)
-            if msg.chain_id != self.chain.chain_id:
-                raise MessageRejected("a consensus message for another chain")
+        for item in msgs:
+            try:
+                kind, raw = item
+                msg: Message = Proposal.decode(raw) if kind == "p" else Vote.decode(raw)
+                if msg.chain_id != self.chain.chain_id:
+                    raise MessageRejected("a consensus message for another chain")
+            except (MessageRejected, ValueError, TypeError) as exc:
+                self._misbehaved(src, f"chain.consensus: {exc}")
+                continue  # the others in the batch stand on their own signatures
             height = self.head.height + 1
             if msg.height < height:
                 self._help_behind(src, msg.height)

@@ -404,6 +404,12 @@ class ConsensusSim:
     # --- run and verdicts ---------------------------------------------------------------------------
 
     def run(self) -> Result:
+        self.start()
+        self.clock.run_until(self.duration)
+        return self.result()
+
+    def start(self) -> None:
+        """Schedule the boots, the load and the faults."""
         for v in self.validators:
             self.clock.call_at(self.start_at * self.rng.random(), v.boot)
         self.clock.call_at(self.start_at, self._load)
@@ -411,8 +417,6 @@ class ConsensusSim:
         if self.settings.power_change:
             self.clock.call_at(self.start_at + 3.0, self._change_power)
         self._schedule_faults()
-        self.clock.run_until(self.duration)
-        return self.result()
 
     def result(self) -> Result:
         verdicts: dict[str, bool | str] = {}
