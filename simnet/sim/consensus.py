@@ -221,6 +221,9 @@ class ConsensusSim:
         for v, (offset, drift) in zip(self.honest, self.plan.clocks):
             v.clock_offset, v.clock_drift = offset, drift
         self.height_at_heal: int | None = None
+        honest_keys = sorted(v.id.key for v in self.honest)
+        self._second_half = set(honest_keys[len(honest_keys) // 2:])
+        self._alternatives: dict[tuple[int, int], Block] = {}
 
     # --- events ---------------------------------------------------------------------------------
 
@@ -242,13 +245,13 @@ class ConsensusSim:
         held = self.commits.get(block.height)
         if held is None:
             self.commits[block.height] = (block.block_id, v.name)
-            self._check_block(block, cert)
+            self._check_block(v, block, cert)
         elif held[0] != block.block_id:
             self.problem("agreement", f"height {block.height}: {v.name} committed "
                                       f"{block.block_id.hex()[:12]}, {held[1]} committed "
                                       f"{held[0].hex()[:12]}")
 
-    def _check_block(self, block: Block, cert: CommitCertificate) -> None:
+    def _check_block(self, v: _Validator, block: Block, cert: CommitCertificate) -> None:
         clients = {c.node_id.key for c in self.clients}
         for tx in block.txs:
             try:
@@ -259,7 +262,7 @@ class ConsensusSim:
                 self.problem("validity", f"block {block.height} holds a client transaction "
                                          "no client submitted")
         try:
-            self.honest[0].node.chain.validators_at(block.height).check_certificate(
+            v.node.chain.validators_at(block.height).check_certificate(
                 cert, CHAIN_ID, block.height, block.block_id)
         except MessageRejected as exc:
             self.problem("validity", f"block {block.height}: {exc}")
@@ -272,9 +275,9 @@ class ConsensusSim:
         if rng.random() < 0.15:
             self.count("nemesis_withheld")
             return None
-        # Half the other validators (by id) get one story, the other half another.
-        others = sorted(o.id.key for o in self.validators if o is not v)
-        second_half = dst.key in others[len(others) // 2:]
+        # The Byzantine validators act together: half the honest validators (by id) get one
+        # story, the other half another.
+        second_half = dst.key in self._second_half
         out = []
         for kind, raw in body["msgs"]:
             try:
@@ -305,13 +308,21 @@ class ConsensusSim:
                 other = Block(replace(h, state_root=self.rng.randbytes(32)), msg.block.txs)
                 self.count("nemesis_invalid_proposal")
             else:
-                # Another block, as valid as the first (the key-value state ignores times).
-                other = Block(replace(h, time_ms=h.time_ms + 1 + self.rng.randrange(1000)),
-                              msg.block.txs)
+                # Another block, as valid as the first (the key-value state ignores times);
+                # the same one to every validator of the second half.
+                other = self._alternatives.get((msg.height, msg.round))
+                if other is None:
+                    other = Block(replace(h, time_ms=h.time_ms + 1 + self.rng.randrange(1000)),
+                                  msg.block.txs)
+                    self._alternatives[(msg.height, msg.round)] = other
                 self.count("nemesis_equivocal_proposal")
             return sign_proposal(v.key, msg.height, msg.round, msg.valid_round, other)
         self.count("nemesis_equivocal_vote")
-        other_id = NIL if msg.block_id != NIL else self.rng.randbytes(32)
+        alternative = self._alternatives.get((msg.height, msg.round))
+        if alternative is not None and alternative.block_id != msg.block_id:
+            other_id = alternative.block_id  # vote for the block the second half was shown
+        else:
+            other_id = NIL if msg.block_id != NIL else self.rng.randbytes(32)
         return sign_vote(v.key, CHAIN_ID, msg.kind, msg.height, msg.round, other_id)
 
     # --- load and faults ----------------------------------------------------------------------------
