@@ -313,10 +313,12 @@ def _seed_range(text: str) -> list[int]:
 
 
 @simnet.command(short_help="Run a deterministic simulation and check what it promised.")
-@click.option("--scenario", type=click.Choice(["gossip"]), default="gossip", show_default=True,
-              help="What to simulate.")
-@click.option("--nodes", type=click.IntRange(2, 2000), default=20, show_default=True,
-              help="Simulated nodes.")
+@click.option("--scenario", type=click.Choice(["gossip", "consensus", "consensus-byzantine"]),
+              default="gossip", show_default=True,
+              help="What to simulate: gossip and membership; consensus under faults; or "
+                   "consensus with f=(n-1)//3 Byzantine validators as well.")
+@click.option("--nodes", type=click.IntRange(1, 2000), default=20, show_default=True,
+              help="Simulated nodes (validators in the consensus scenarios).")
 @click.option("--seed", type=int, default=None,
               help="Seed of one run: it fixes keys, faults and every random choice [default: 1].")
 @click.option("--seeds", "seed_range", default=None, metavar="A..B",
@@ -328,7 +330,16 @@ def sim(scenario: str, nodes: int, seed: int | None, seed_range: str | None, dur
         as_json: bool) -> None:
     """Run a simulated mesh (real protocol cores, virtual clock and network, faults picked by
     the seed); print the trace hash and each checker's verdict. Exits 1 on any violation."""
-    from hmnode.simnet.sim import run as run_sim
+    from hmnode.simnet.sim import run_scenario
+
+    if scenario == "gossip" and nodes < 2:
+        raise click.BadParameter("the gossip scenario needs at least 2 nodes", param_hint="--nodes")
+    if scenario != "gossip" and nodes > 64:
+        raise click.BadParameter("the consensus scenarios run at most 64 validators",
+                                 param_hint="--nodes")
+
+    def run_sim(n: int, one: int, length: float) -> Any:
+        return run_scenario(scenario, n, one, length)
 
     if seed is not None and seed_range is not None:
         raise click.UsageError("give --seed or --seeds, not both")

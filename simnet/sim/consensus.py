@@ -23,6 +23,7 @@ Checkers:
 
 from __future__ import annotations
 
+import logging
 import traceback
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
@@ -415,8 +416,16 @@ class ConsensusSim:
     # --- run and verdicts ---------------------------------------------------------------------------
 
     def run(self) -> Result:
-        self.start()
-        self.clock.run_until(self.duration)
+        # The nemesis makes every honest node log each equivocation it catches: that is the
+        # point of the run, not news; errors still show.
+        chain_log = logging.getLogger("hmnode.chain_node")
+        level = chain_log.level
+        chain_log.setLevel(logging.ERROR)
+        try:
+            self.start()
+            self.clock.run_until(self.duration)
+        finally:
+            chain_log.setLevel(level)
         return self.result()
 
     def start(self) -> None:

@@ -217,7 +217,7 @@ class Result:
     @property
     def reproduce(self) -> str:
         """The command that replays this run exactly."""
-        return reproduce_command(self.nodes, self.seed, self.duration)
+        return reproduce_command(self.nodes, self.seed, self.duration, self.scenario)
 
     def to_json(self) -> dict[str, Any]:
         """The result as a JSON-able map."""
@@ -229,9 +229,10 @@ class Result:
         return out
 
 
-def reproduce_command(nodes: int, seed: int, duration: float) -> str:
-    """The CLI command that replays a gossip run."""
-    return f"hmnode simnet sim --scenario gossip --nodes {nodes} --seed {seed} --duration {duration:g}"
+def reproduce_command(nodes: int, seed: int, duration: float, scenario: str = "gossip") -> str:
+    """The CLI command that replays a run."""
+    return (f"hmnode simnet sim --scenario {scenario} --nodes {nodes} --seed {seed} "
+            f"--duration {duration:g}")
 
 
 class _GullibleStore(AdvertStore):
