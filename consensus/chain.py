@@ -212,9 +212,10 @@ class Chain:
 
     @property
     def chain_id(self) -> str:
-        return self._genesis().chain_id
+        return self.require_genesis().chain_id
 
-    def _genesis(self) -> Genesis:
+    def require_genesis(self) -> Genesis:
+        """The chain's genesis; ChainError before it has one."""
         if self.genesis is None:
             raise ChainError("the chain has no genesis yet")
         return self.genesis
@@ -230,7 +231,7 @@ class Chain:
 
     def validators_at(self, height: int) -> ValidatorSet:
         """The set that certifies blocks at `height` (fixed for its whole epoch)."""
-        epoch = (height - 1) // self._genesis().epoch_blocks
+        epoch = (height - 1) // self.require_genesis().epoch_blocks
         if epoch not in self._sets:
             raw = self.storage.read(lambda tx: tx.get(schema.VALIDATOR_SETS, epoch))
             if raw is None:
@@ -387,7 +388,7 @@ class Chain:
         rec.put(schema.TX_RESULTS, t.tx_id, [height, index, why])
 
     def _end_block(self, rec: RecordingTxn, height: int) -> None:
-        epoch_blocks = self._genesis().epoch_blocks
+        epoch_blocks = self.require_genesis().epoch_blocks
         if height % epoch_blocks:
             return
         wanted = self.app.validators(rec)

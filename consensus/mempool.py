@@ -116,6 +116,10 @@ class Mempool:
             self._committed_nonce[sender] = self._next_nonce(sender) - 1
         return self._committed_nonce[sender]
 
+    def pending_nonce(self, sender: bytes, nonce: int) -> bool:
+        """Whether a transaction of `sender` with `nonce` is waiting here."""
+        return nonce in self._by_sender.get(sender, {})
+
     def ready(self) -> bool:
         """Whether some sender has a transaction that can go into the next block."""
         return any(self._committed(s) + 1 in p for s, p in self._by_sender.items())

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from hmnode import __version__, schema
+from hmnode.chain_node import ChainConfig
+from hmnode.chain_service import ChainService
 from hmnode.config import Config, PeerAddress, write_config
 from hmnode.control import ControlServer, MethodError
 from hmnode.datadir import DataDir
@@ -106,6 +108,9 @@ class Agent:
         self.traversal.relaying.candidates = [((p.addr.host, p.addr.port), p.node_id)
                                            for p in config.bootstrap]
         self.mesh.traversal = self.traversal
+        self.chain = ChainService(key, store, self.endpoint, self.mesh, config.chain_genesis,
+                                  config.bootstrap,
+                                  ChainConfig(empty_block_s=config.chain_empty_block_s))
         self.control = ControlServer(data_dir.control_socket, {
             "status": self._status,
             "assets": self._assets,
@@ -115,6 +120,10 @@ class Agent:
             "advertise": self._advertise,
             "mesh_stats": self._mesh_stats,
             "connect": self._connect,
+            "chain": self._chain,
+            "submit_txs": self._submit_txs,
+            "kv_put": self._kv_put,
+            "kv_get": self._kv_get,
         })
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -137,6 +146,7 @@ class Agent:
                     Subsystem("inventory", self._refresh_inventory),
                     Subsystem("mesh", self.mesh.run),
                     Subsystem("nat", self.traversal.run),
+                    Subsystem("chain", self.chain.run),
                 ])
             finally:
                 await self.control.close()
@@ -241,7 +251,58 @@ class Agent:
             "peers": len(self.endpoint.peers),
             "store_map_bytes": self.store.map_size,
             "nat": self.traversal.status(),
+            "chain": self.chain.status(),
         }
+
+    async def _chain(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        height = params.get("height")
+        if height is not None and (isinstance(height, bool) or not isinstance(height, int)
+                                   or height < 0):
+            raise MethodError("bad_request", "height is a whole number")
+        try:
+            return self.chain.block(height)
+        except HmnodeError as exc:
+            raise MethodError("not_found", str(exc)) from None
+
+    async def _submit_txs(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        txs = params.get("txs")
+        if not isinstance(txs, list) or len(txs) > 10_000 or not all(
+                isinstance(t, bytes) for t in txs):
+            raise MethodError("bad_request", "txs is a list of at most 10000 encoded transactions")
+        try:
+            return {"results": self.chain.submit(txs)}
+        except HmnodeError as exc:
+            raise MethodError("not_ready", str(exc)) from None
+
+    async def _kv_put(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        key, value = params.get("key"), params.get("value")
+        if not isinstance(key, str) or not isinstance(value, bytes):
+            raise MethodError("bad_request", "kv_put takes a text key and a bytes value")
+        try:
+            tx = self.chain.sign_and_submit("kv.put", {"key": key, "value": value})
+        except HmnodeError as exc:
+            raise MethodError("refused", str(exc)) from None
+        answer: dict[str, Any] = {"tx_id": tx.tx_id.hex(), "nonce": tx.nonce}
+        wait = params.get("wait")
+        if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0:
+            try:
+                await self.chain.wait_committed(tx.tx_id, float(wait))
+            except TimeoutError:
+                raise MethodError("timeout", f"transaction {tx.tx_id.hex()} was not committed "
+                                             f"within {wait:g} s; it may still be") from None
+            answer.update(self.chain.tx_result(tx.tx_id) or {})
+        return answer
+
+    async def _kv_get(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        key = params.get("key")
+        if not isinstance(key, str):
+            raise MethodError("bad_request", "kv_get takes a text key")
+        try:
+            value = self.chain.kv_get(key)
+            height = self.chain.status().get("height")
+        except HmnodeError as exc:
+            raise MethodError("not_ready", str(exc)) from None
+        return {"key": key, "value": value, "found": value is not None, "height": height}
 
     async def _assets(self, params: Mapping[str, Any]) -> dict[str, Any]:
         if not self._inventory_fresh.is_set():

@@ -136,6 +136,14 @@ def _flag(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def _optional_path(value: Any) -> Path | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a file path, got {value!r}")
+    return Path(value).expanduser()
+
+
 def _setting(key: str, default: Any, parse: Callable[[Any], Any], env: str, help: str) -> Any:
     return field(default=default, metadata={"key": key, "parse": parse, "env": env, "help": help})
 
@@ -180,6 +188,15 @@ class Config:
         "relay.circuit_s", 3600.0, _seconds(10, 86400 * 7), "HMNODE_RELAY_CIRCUIT_S",
         "seconds one relayed connection may last before the relay ends it",
     )
+    chain_genesis: Path | None = _setting(
+        "chain.genesis", None, _optional_path, "HMNODE_CHAIN_GENESIS",
+        "genesis file of the chain to run (empty: the store's chain, else the first bootstrap "
+        "peer's, else a new chain with this node as its one validator)",
+    )
+    chain_empty_block_s: float = _setting(
+        "chain.empty_block_s", 60.0, _seconds(1, 86400 * 7), "HMNODE_CHAIN_EMPTY_BLOCK_S",
+        "seconds after the last block before validators commit an empty one",
+    )
     log_level: str = _setting(
         "log.level", "info", _choice("debug", "info", "warning", "error"), "HMNODE_LOG_LEVEL",
         "least severe log level written",
@@ -199,7 +216,9 @@ class Config:
         for f in dataclasses.fields(self):
             section, key = f.metadata["key"].split(".")
             value = getattr(self, f.name)
-            if isinstance(value, HostPort):
+            if value is None:
+                continue  # TOML has no null: an unset optional key is left out
+            if isinstance(value, (HostPort, Path)):
                 value = str(value)
             elif isinstance(value, tuple):
                 value = [str(item) for item in value]

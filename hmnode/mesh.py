@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 from hmnode.adverts import Advert
@@ -64,6 +65,8 @@ class Mesh(GossipObserver):
         self._dialling: dict[NodeId, asyncio.Task] = {}
         # Set by the agent: how peers are reached (direct, relayed, punched).
         self.traversal: NatTraversal | None = None
+        # Topics other subsystems receive over the same connections (the chain's).
+        self._routes: dict[str, Callable[[NodeId, str, Any], None]] = {}
         handlers = endpoint.handlers
         handlers.notify = self._on_notify
         endpoint.connection_closed_handler = self._on_connection_closed
@@ -216,7 +219,16 @@ class Mesh(GossipObserver):
             return Peer(conn.peer_id, self.traversal.dial_address(conn))
         return Peer(conn.peer_id, format_addr(conn.addr))
 
+    def route(self, topics: tuple[str, ...], handler: Callable[[NodeId, str, Any], None]) -> None:
+        """Hand notifications of `topics` from authenticated peers to `handler`."""
+        for topic in topics:
+            self._routes[topic] = handler
+
     def _on_notify(self, conn: PeerConnection, topic: str, body: Any) -> None:
+        route = self._routes.get(topic)
+        if route is not None and conn.peer_id is not None:
+            route(conn.peer_id, topic, body)
+            return
         if topic not in TOPICS:
             self.endpoint.record_misbehaviour(conn, f"unknown topic {topic!r}")
             return

@@ -1,0 +1,239 @@
+"""The chain of a running node: `ChainNode` over the real clock, the mesh's QUIC connections and
+the LMDB store, and what the control API asks of it.
+
+Which chain: the one the store already holds; else the genesis file in the config
+(`chain.genesis`); else, when the node has bootstrap peers, the first one's chain (asked over
+QUIC with `chain.genesis`; the bootstrap's node id is the trust anchor, as for joining); else
+a new chain of which this node is the one validator, so a lone node commits on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from hmnode import schema
+from hmnode.chain_node import ChainConfig, ChainNode, TOPICS
+from hmnode.config import PeerAddress
+from hmnode.consensus.chain import Chain, ChainError, Genesis, GenesisError, Head
+from hmnode.consensus.kvapp import KeyValueApp
+from hmnode.consensus.mempool import TxRefused
+from hmnode.consensus.messages import (Block, CommitCertificate, MessageRejected, Transaction,
+                                       sign_tx)
+from hmnode.consensus.validators import ValidatorSet
+from hmnode.env import Env, RealClock
+from hmnode.errors import HmnodeError
+from hmnode.identity import NodeId, NodeKey
+from hmnode.mesh import Mesh
+from hmnode.store import Store
+from hmnode.transport.connection import PeerConnection, RemoteError, TransportError
+from hmnode.transport.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
+
+GENESIS_ASK_TIMEOUT_S = 5.0
+GENESIS_RETRY_S = 2.0
+MAX_WAITERS = 10_000
+
+
+class ChainNotReady(HmnodeError):
+    """The chain has not started yet (it is still fetching its genesis from a bootstrap peer)."""
+
+
+class ChainService:
+    """The running node's chain: genesis, the consensus node, and its control methods."""
+
+    def __init__(self, key: NodeKey, store: Store, endpoint: Endpoint, mesh: Mesh,
+                 genesis_path: Path | None, bootstrap: tuple[PeerAddress, ...],
+                 config: ChainConfig = ChainConfig()) -> None:
+        self.key = key
+        self.store = store
+        self.endpoint = endpoint
+        self.mesh = mesh
+        self.genesis_path = genesis_path
+        self.bootstrap = bootstrap
+        self.config = config
+        self.node: ChainNode | None = None
+        self._waiters: dict[bytes, list[asyncio.Future]] = {}
+        self._commit_times: list[float] = []
+        endpoint.handlers.rpc = {**endpoint.handlers.rpc, "chain.genesis": self._serve_genesis}
+        mesh.route(TOPICS, self._on_notify)
+
+    # --- start ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Find the genesis, start the chain, and serve until cancelled."""
+        chain = Chain(self.store, KeyValueApp())
+        if chain.genesis is None or self.genesis_path is not None:
+            # A genesis file for a store that holds another chain is refused by init_genesis.
+            chain.init_genesis(await self._genesis())
+        env = Env(RealClock(), random.Random(), self.mesh, self.store)
+        self.node = ChainNode(self.key, env, chain, self.config, observer=self)
+        self.node.start()
+        head = chain.head()
+        log.info("chain %s at height %d; %s", chain.chain_id, head.height,
+                 "validating" if self.node.is_validator() else "following",
+                 extra={"event": "chain_started", "chain_id": chain.chain_id,
+                        "height": head.height})
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.node.stop()
+
+    async def _genesis(self) -> Genesis:
+        if self.genesis_path is not None:
+            return Genesis.load(self.genesis_path)
+        if not self.bootstrap:
+            me = self.key.node_id
+            return Genesis(f"hmnode-{me.short()}", int(time.time() * 1000),
+                           ValidatorSet.of([(me.key, 1)]))
+        failures = 0
+        while True:
+            for peer in self.bootstrap:
+                try:
+                    conn = await self.endpoint.connect((peer.addr.host, peer.addr.port),
+                                                       peer.node_id, timeout=GENESIS_ASK_TIMEOUT_S)
+                    raw = await conn.request("chain.genesis", None, timeout=GENESIS_ASK_TIMEOUT_S)
+                    genesis = Genesis.from_wire(raw)
+                    log.info("following chain %s of bootstrap peer %s", genesis.chain_id, peer)
+                    return genesis
+                except (HmnodeError, TransportError, asyncio.TimeoutError) as exc:
+                    failures += 1
+                    if failures == 1 or failures % 30 == 0:
+                        log.warning("cannot get the chain's genesis from %s yet: %s", peer, exc)
+            await asyncio.sleep(GENESIS_RETRY_S)
+
+    async def _serve_genesis(self, conn: PeerConnection, body: Any) -> Any:
+        if self.node is None:
+            raise RemoteError("not_ready", "this node's chain has not started yet")
+        return self.node.chain.require_genesis().to_wire()
+
+    def _on_notify(self, src: NodeId, topic: str, body: Any) -> None:
+        if self.node is not None:
+            self.node.receive(src, topic, body)
+
+    def _ready(self) -> ChainNode:
+        if self.node is None:
+            raise ChainNotReady("the chain is not started yet (it may be fetching its genesis "
+                                "from a bootstrap peer); try again in a moment")
+        return self.node
+
+    # --- ChainObserver --------------------------------------------------------------------------
+
+    def block_committed(self, block: Block, cert: CommitCertificate, head: Head,
+                        now: float) -> None:
+        for tx in block.txs:
+            for future in self._waiters.pop(tx.tx_id, []):
+                if not future.done():
+                    future.set_result(head.height)
+
+    # --- control methods ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The chain part of `hmnode status`."""
+        if self.node is None:
+            return {"height": None, "ready": False, "validators": [], "is_validator": False,
+                    "last_commit_ms": None}
+        return {"ready": True, **self.node.describe()}
+
+    def block(self, height: int | None) -> dict[str, Any]:
+        """A committed block, its transactions and certificate, as JSON-able data."""
+        node = self._ready()
+        head = node.head
+        height = head.height if height is None else height
+        if height == 0:
+            return {"height": 0, "genesis": node.chain.require_genesis().to_json(), **head.to_json()}
+        found = node.chain.block(height)
+        if found is None:
+            raise ChainError(f"no block at height {height}: the head is {head.height}")
+        block, cert = found
+        return block_json(node.chain, block, cert)
+
+    def submit(self, raw_txs: list[bytes]) -> list[dict[str, Any]]:
+        """Signed transactions from a client: each one's id and whether it was taken."""
+        node = self._ready()
+        out = []
+        for raw in raw_txs:
+            try:
+                tx = Transaction.decode(raw)
+                fresh = node.submit(tx)
+                out.append({"tx_id": tx.tx_id.hex(), "accepted": True, "duplicate": not fresh})
+            except (MessageRejected, TxRefused) as exc:
+                out.append({"tx_id": None, "accepted": False, "error": str(exc)})
+        return out
+
+    def sign_and_submit(self, kind: str, body: Any) -> Transaction:
+        """A transaction signed by this node's key with its next free nonce."""
+        node = self._ready()
+        nonce = node.chain.next_nonce(self.key.node_id.key)
+        while node.mempool.pending_nonce(self.key.node_id.key, nonce):
+            nonce += 1
+        tx = sign_tx(self.key, node.chain.chain_id, nonce, kind, body)
+        node.submit(tx)
+        return tx
+
+    async def wait_committed(self, tx_id: bytes, timeout: float) -> int:
+        """The height that committed `tx_id`; TimeoutError when it takes longer."""
+        node = self._ready()
+        done = node.chain.tx_result(tx_id)
+        if done is not None:
+            return int(done[0])
+        if len(self._waiters) >= MAX_WAITERS:
+            raise ChainNotReady("too many clients are waiting for commits; try again later")
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(tx_id, []).append(future)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            waiting = self._waiters.get(tx_id)
+            if waiting is not None and future in waiting:
+                waiting.remove(future)
+                if not waiting:
+                    del self._waiters[tx_id]
+
+    def tx_result(self, tx_id: bytes) -> dict[str, Any] | None:
+        node = self._ready()
+        found = node.chain.tx_result(tx_id)
+        if found is None:
+            return None
+        height, index, why = found
+        return {"tx_id": tx_id.hex(), "height": height, "index": index, "ok": why is None,
+                "rejected": why}
+
+    def kv_get(self, key: str) -> bytes | None:
+        self._ready()
+        return self.store.read(lambda tx: tx.get(schema.KV, key.encode()))
+
+
+def block_json(chain: Chain, block: Block, cert: CommitCertificate) -> dict[str, Any]:
+    """A block as `hmnode chain --json` shows it."""
+    h = block.header
+    results = {}
+    for tx in block.txs:
+        found = chain.tx_result(tx.tx_id)
+        results[tx.tx_id] = None if found is None else found[2]
+    validators = chain.validators_at(h.height)
+    return {
+        "height": h.height, "block_id": block.block_id.hex(), "chain_id": h.chain_id,
+        "time_ms": h.time_ms, "prev_id": h.prev_id.hex(), "proposer": str(NodeId(h.proposer)),
+        "state_root": h.state_root.hex(), "txs_hash": h.txs_hash.hex(),
+        "validators_hash": h.validators_hash.hex(),
+        "transactions": [{"tx_id": tx.tx_id.hex(), "sender": str(NodeId(tx.sender)),
+                          "nonce": tx.nonce, "kind": tx.kind, "bytes": len(tx.encode()),
+                          "ok": results[tx.tx_id] is None, "rejected": results[tx.tx_id]}
+                         for tx in block.txs],
+        "certificate": {
+            "round": cert.round, "block_id": cert.block_id.hex(),
+            "kind": "precommit",
+            "power": sum(validators.power(v) for v, _ in cert.signatures),
+            "total_power": validators.total,
+            "signatures": [{"validator": str(NodeId(v)), "signature": s.hex()}
+                           for v, s in cert.signatures]},
+    }
+
+
+__all__ = ["ChainNotReady", "ChainService", "GenesisError", "block_json"]
