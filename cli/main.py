@@ -9,17 +9,17 @@ from typing import Any
 
 import click
 
-from hmnode.cli.options import json_option, print_json
+from hmnode.cli.options import data_dir_option, json_option, print_json, resolve_data_dir
 from hmnode import __version__, control
 from hmnode.agent import initialise, run_agent
-from hmnode.config import Config, PeerAddress, add_bootstrap, default_data_dir, load_config, write_config
-from hmnode.datadir import DataDir
+from hmnode.config import Config, PeerAddress, add_bootstrap, load_config, write_config
 from hmnode.errors import AgentNotRunning, ControlError, HmnodeError, UsageError
 from hmnode.hardware import Inventory, collect_inventory, summary_lines
 from hmnode.identity import load_key
 from hmnode import logs
 from hmnode.cli.simnet import simnet
 from hmnode.cli.plot import plot
+from hmnode.cli.chain import chain, genesis, kv
 
 
 class HmnodeGroup(click.Group):
@@ -33,18 +33,6 @@ class HmnodeGroup(click.Group):
             ctx.exit(exc.exit_code)
 
 
-def _data_dir_option(fn: Any) -> Any:
-    return click.option(
-        "--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="HMNODE_DATA_DIR",
-        default=None, show_envvar=True,
-        help="Node data directory [default: $XDG_DATA_HOME/hmnode or ~/.local/share/hmnode].",
-    )(fn)
-
-
-def _resolve(data_dir: Path | None) -> DataDir:
-    return DataDir((data_dir or default_data_dir()).expanduser().absolute())
-
-
 @click.group(cls=HmnodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hmnode")
 def main() -> None:
@@ -53,15 +41,18 @@ def main() -> None:
 
 main.add_command(simnet)
 main.add_command(plot)
+main.add_command(chain)
+main.add_command(kv)
+main.add_command(genesis)
 
 
 @main.command()
-@_data_dir_option
+@data_dir_option
 @click.option("--listen", metavar="HOST:PORT", help="UDP address to listen on (written to config.toml).")
 @json_option
 def init(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
     """Create the node key, config.toml and store in the data dir (idempotent)."""
-    dd = _resolve(data_dir)
+    dd = resolve_data_dir(data_dir)
     # The file gets the embedded defaults and this command's flags, not the environment's values.
     config = load_config(dd.config_file, env={}, flags={"node.listen": listen})
     if listen is not None and dd.config_file.exists():
@@ -81,7 +72,7 @@ def init(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
 
 
 @main.command()
-@_data_dir_option
+@data_dir_option
 @click.option("--listen", metavar="HOST:PORT", help="UDP address to listen on [env: HMNODE_LISTEN].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Least severe log level [env: HMNODE_LOG_LEVEL].")
@@ -89,12 +80,16 @@ def init(data_dir: Path | None, listen: str | None, as_json: bool) -> None:
               help="Logs for people (text) or machines (json) [env: HMNODE_LOG_FORMAT].")
 @click.option("--bootstrap", "bootstrap", multiple=True, metavar="ID@HOST:PORT",
               help="Join the mesh through this peer (repeatable; recorded in config.toml).")
+@click.option("--genesis", "genesis_file", type=click.Path(dir_okay=False, exists=True),
+              help="Run the chain this genesis file starts (see `hmnode genesis`) "
+                   "[env: HMNODE_CHAIN_GENESIS].")
 def run(data_dir: Path | None, listen: str | None, log_level: str | None,
-        log_format: str | None, bootstrap: tuple[str, ...]) -> None:
+        log_format: str | None, bootstrap: tuple[str, ...], genesis_file: str | None) -> None:
     """Run the node in the foreground until SIGINT or SIGTERM (initialises on first start)."""
-    dd = _resolve(data_dir)
+    dd = resolve_data_dir(data_dir)
     config = load_config(dd.config_file, flags={
-        "node.listen": listen, "log.level": log_level, "log.format": log_format})
+        "node.listen": listen, "log.level": log_level, "log.format": log_format,
+        "chain.genesis": None if genesis_file is None else str(Path(genesis_file).absolute())})
     peers = _parse_peers(bootstrap)
     logs.configure(config.log_level, config.log_format)
     if peers:
@@ -104,7 +99,8 @@ def run(data_dir: Path | None, listen: str | None, log_level: str | None,
         for peer in peers:
             add_bootstrap(dd.config_file, peer)
         config = load_config(dd.config_file, flags={
-            "node.listen": listen, "log.level": log_level, "log.format": log_format})
+            "node.listen": listen, "log.level": log_level, "log.format": log_format,
+        "chain.genesis": None if genesis_file is None else str(Path(genesis_file).absolute())})
     # A first start writes the embedded defaults, not this run's flags, to config.toml.
     sys.exit(run_agent(dd, config, file_defaults=Config()))
 
@@ -124,7 +120,7 @@ def _parse_peers(texts: tuple[str, ...]) -> list[PeerAddress]:
 
 
 @main.command()
-@_data_dir_option
+@data_dir_option
 @click.argument("peer", metavar="ID@HOST:PORT")
 @json_option
 def join(data_dir: Path | None, peer: str, as_json: bool) -> None:
@@ -132,7 +128,7 @@ def join(data_dir: Path | None, peer: str, as_json: bool) -> None:
 
     PEER is ID@HOST:PORT, or HOST:PORT to learn the id from the handshake (unpinned).
     """
-    dd = _resolve(data_dir)
+    dd = resolve_data_dir(data_dir)
     [parsed] = _parse_peers((peer,))
     load_config(dd.config_file, env={})  # a broken config is refused before it is rewritten
     dd.create()
@@ -166,11 +162,11 @@ def join(data_dir: Path | None, peer: str, as_json: bool) -> None:
 
 
 @main.command("id")
-@_data_dir_option
+@data_dir_option
 @json_option
 def id_(data_dir: Path | None, as_json: bool) -> None:
     """Print this node's id."""
-    dd = _resolve(data_dir)
+    dd = resolve_data_dir(data_dir)
     node_id = load_key(dd.key_file).node_id
     if as_json:
         print_json({"node_id": str(node_id), "public_key_hex": node_id.key.hex()})
@@ -179,11 +175,11 @@ def id_(data_dir: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-@_data_dir_option
+@data_dir_option
 @json_option
 def status(data_dir: Path | None, as_json: bool) -> None:
     """Show the running agent's identity, version and uptime."""
-    dd = _resolve(data_dir)
+    dd = resolve_data_dir(data_dir)
     info = control.call(dd.control_socket, "status")
     if as_json:
         print_json(info)
@@ -200,15 +196,25 @@ def status(data_dir: Path | None, as_json: bool) -> None:
                    + (f" (observed {', '.join(nat['observed'])})" if nat["observed"] else ""))
         relay = nat.get("relay")
         click.echo(f"relayed at {relay['address']}" if relay else "relayed at -")
+    chain_info = info.get("chain") or {}
+    if chain_info.get("ready"):
+        role = "validator" if chain_info["is_validator"] else "follower"
+        last = chain_info.get("last_commit_ms")
+        click.echo(f"chain      {chain_info['chain_id']} height {chain_info['height']} ({role} of "
+                   f"{len(chain_info['validators'])}"
+                   + (f", last commit {last:.0f} ms)" if last is not None else ")")
+                   + (f" HALTED: {chain_info['halted']}" if chain_info.get("halted") else ""))
+    else:
+        click.echo("chain      starting (fetching its genesis)")
     click.echo(f"data dir   {info['data_dir']}")
 
 
 @main.command()
-@_data_dir_option
+@data_dir_option
 @json_option
 def peers(data_dir: Path | None, as_json: bool) -> None:
     """List the peers this node is connected to, with address, RTT and bytes in and out."""
-    dd = _resolve(data_dir)
+    dd = resolve_data_dir(data_dir)
     info = control.call(dd.control_socket, "peers")
     if as_json:
         print_json(info)
@@ -230,7 +236,7 @@ def peers(data_dir: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-@_data_dir_option
+@data_dir_option
 @click.argument("node_id", metavar="NODE_ID")
 @click.option("--timeout", type=click.FloatRange(0.1, 600), default=20.0, show_default=True,
               help="Seconds to keep trying.")
@@ -238,7 +244,7 @@ def peers(data_dir: Path | None, as_json: bool) -> None:
 def connect(data_dir: Path | None, node_id: str, timeout: float, as_json: bool) -> None:
     """Connect the running agent to NODE_ID (directly, through its relay, or by hole punching)
     and show the path it got."""
-    dd = _resolve(data_dir)
+    dd = resolve_data_dir(data_dir)
     try:
         info = control.call(dd.control_socket, "connect", {"node_id": node_id, "timeout": timeout},
                             timeout=timeout + 5)
@@ -253,12 +259,12 @@ def connect(data_dir: Path | None, node_id: str, timeout: float, as_json: bool) 
 
 
 @main.command()
-@_data_dir_option
+@data_dir_option
 @click.option("--mesh", is_flag=True, help="List every advert this node knows, from the running agent.")
 @json_option
 def assets(data_dir: Path | None, mesh: bool, as_json: bool) -> None:
     """Show the hardware this node could share (from the agent, or measured now if none runs)."""
-    dd = _resolve(data_dir)
+    dd = resolve_data_dir(data_dir)
     if mesh:
         adverts = control.call(dd.control_socket, "adverts")
         if as_json:
