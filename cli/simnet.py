@@ -143,9 +143,11 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
               help="Seconds to wait for every node to know every advert.")
 @click.option("--foreground", is_flag=True,
               help="Stay attached after convergence; Ctrl-C or SIGTERM stops the mesh.")
+@click.option("--validators", type=click.IntRange(1, 500), default=1, show_default=True,
+              help="How many of the nodes validate the mesh's chain (the others follow it).")
 @json_option
 def up(n: int, directory: Path | None, base_port: int, timeout: float, foreground: bool,
-       as_json: bool) -> None:
+       validators: int, as_json: bool) -> None:
     """Start N real nodes on loopback, joined into one mesh, and show them until every node knows
     every node's advert.
 
@@ -163,7 +165,7 @@ def up(n: int, directory: Path | None, base_port: int, timeout: float, foregroun
     started = time.monotonic()
     try:
         # Lines about single nodes are indented under the one that starts them all.
-        mesh.up(n, base_port, progress=lambda line: click.echo(
+        mesh.up(n, base_port, validators=validators, progress=lambda line: click.echo(
             line if line.startswith("starting") else f"  {line}", file=out))
     except (KeyboardInterrupt, _Stop):
         # up() has stopped the nodes it had started.

@@ -124,6 +124,7 @@ class Agent:
             "submit_txs": self._submit_txs,
             "kv_put": self._kv_put,
             "kv_get": self._kv_get,
+            "commits": self._commits,
         })
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -273,6 +274,12 @@ class Agent:
             return {"results": self.chain.submit(txs)}
         except HmnodeError as exc:
             raise MethodError("not_ready", str(exc)) from None
+
+    async def _commits(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        after = params.get("after", 0)
+        if isinstance(after, bool) or not isinstance(after, int):
+            raise MethodError("bad_request", "after is a height")
+        return {"commits": self.chain.commits(after)}
 
     async def _kv_put(self, params: Mapping[str, Any]) -> dict[str, Any]:
         key, value = params.get("key"), params.get("value")

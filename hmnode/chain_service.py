@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 GENESIS_ASK_TIMEOUT_S = 5.0
 GENESIS_RETRY_S = 2.0
 MAX_WAITERS = 10_000
+COMMITS_KEPT = 4_096
 
 
 class ChainNotReady(HmnodeError):
@@ -59,7 +61,8 @@ class ChainService:
         self.config = config
         self.node: ChainNode | None = None
         self._waiters: dict[bytes, list[asyncio.Future]] = {}
-        self._commit_times: list[float] = []
+        # The newest commits seen here: (height, wall-clock time, transaction ids).
+        self._commits: deque[tuple[int, float, list[bytes]]] = deque(maxlen=COMMITS_KEPT)
         endpoint.handlers.rpc = {**endpoint.handlers.rpc, "chain.genesis": self._serve_genesis}
         mesh.route(TOPICS, self._on_notify)
 
@@ -126,6 +129,7 @@ class ChainService:
 
     def block_committed(self, block: Block, cert: CommitCertificate, head: Head,
                         now: float) -> None:
+        self._commits.append((head.height, time.time(), [tx.tx_id for tx in block.txs]))
         for tx in block.txs:
             for future in self._waiters.pop(tx.tx_id, []):
                 if not future.done():
@@ -194,6 +198,12 @@ class ChainService:
                 waiting.remove(future)
                 if not waiting:
                     del self._waiters[tx_id]
+
+    def commits(self, after: int) -> list[dict[str, Any]]:
+        """Blocks this node committed since it started, above height `after`: when (its wall
+        clock) and which transactions; for measuring commit latency from outside."""
+        return [{"height": h, "committed_at": at, "tx_ids": [t.hex() for t in txs]}
+                for h, at, txs in self._commits if h > after]
 
     def tx_result(self, tx_id: bytes) -> dict[str, Any] | None:
         node = self._ready()

@@ -33,6 +33,9 @@ from typing import Any
 import psutil
 
 from hmnode import control
+from hmnode.consensus.chain import Genesis
+from hmnode.consensus.validators import ValidatorSet
+from hmnode.identity import load_or_create_key
 from hmnode.datadir import DataDir
 from hmnode.errors import AgentNotRunning, HmnodeError, UsageError
 
@@ -253,6 +256,10 @@ class LocalMesh:
             return []
         return [rec for rec in records if self.process(rec) is not None]
 
+    @property
+    def genesis_file(self) -> Path:
+        return self.dir / "genesis.json"
+
     def _spawn(self, name: str, host: str, port: int, bootstrap: str | None,
                env_extra: dict[str, str] | None = None) -> subprocess.Popen:
         data_dir = self.data_dir(name)
@@ -261,6 +268,8 @@ class LocalMesh:
                "--listen", f"{host}:{port}", "--log-level", "info"]
         if bootstrap is not None:
             cmd += ["--bootstrap", bootstrap]
+        if self.genesis_file.exists():
+            cmd += ["--genesis", str(self.genesis_file)]
         # Settings come from the flags and the node's own config.toml only, never from the
         # environment of whoever ran `up`.
         env = {k: v for k, v in os.environ.items() if not k.startswith("HMNODE_")}
@@ -298,8 +307,13 @@ class LocalMesh:
     # --- commands ---------------------------------------------------------------------------
 
     def up(self, n: int, base_port: int = 0,
-           progress: Callable[[str], None] = lambda line: None) -> list[NodeRecord]:
+           progress: Callable[[str], None] = lambda line: None,
+           validators: int = 1) -> list[NodeRecord]:
         """Start a fresh mesh of `n` nodes; returns once every node answers on its control socket.
+
+        The first `validators` nodes validate the mesh's chain (each with power 1, from a
+        genesis file written here); the others follow it. With 1, node 0 starts its own chain
+        and the others take it from node 0 when they join.
 
         `base_port` 0 lets each node pick a free port; otherwise node i listens on base_port + i.
         Node dirs left in the directory by an earlier mesh are removed first, so that old keys,
@@ -320,6 +334,11 @@ class LocalMesh:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._remove_old_node_dirs()
         self.state_file.unlink(missing_ok=True)
+        self.genesis_file.unlink(missing_ok=True)
+        if not 1 <= validators <= n:
+            raise UsageError(f"a mesh of {n} nodes has 1 to {n} validators, not {validators}")
+        if validators > 1:
+            self._write_genesis(validators)
         timeout = READY_TIMEOUT_S + READY_TIMEOUT_PER_NODE_S * n
         distinct = n > 1 and _distinct_loopback_works()
         if n > 1 and not distinct:
@@ -354,6 +373,17 @@ class LocalMesh:
                 self.down(timeout=5.0)
             raise
         return records
+
+    def _write_genesis(self, validators: int) -> None:
+        """Give the first `validators` nodes their keys now, and a genesis naming them."""
+        keys = []
+        for i in range(validators):
+            data_dir = self.data_dir(node_name(i))
+            data_dir.create()
+            key, _ = load_or_create_key(data_dir.key_file)
+            keys.append(key.node_id.key)
+        Genesis(f"simnet-{int(time.time())}", int(time.time() * 1000),
+                ValidatorSet.of((k, 1) for k in keys)).write(self.genesis_file)
 
     def _provisional(self, name: str, proc: subprocess.Popen, host: str, port: int) -> NodeRecord:
         """A record of a node that is not ready yet, so that `down` can stop it meanwhile."""
