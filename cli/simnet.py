@@ -273,13 +273,16 @@ def down(directory: Path | None, timeout: float, as_json: bool) -> None:
 @simnet.command()
 @click.argument("name", type=click.Choice(sorted(BENCHMARKS)), required=False)
 @click.option("--runs", type=click.IntRange(1, 100), default=None,
-              help=f"Repetitions; figures are medians [default: {DEFAULT_RUNS}, 1 for gossip].")
+              help=f"Repetitions; figures are medians [default: {DEFAULT_RUNS}, 1 for gossip and "
+                   "consensus].")
 @click.option("--nodes", type=click.IntRange(2, 500), default=None,
               help="Nodes in the mesh, for benchmarks of a mesh (gossip) [default: 10].")
+@click.option("--validators", type=click.IntRange(1, 64), default=None,
+              help="Validators of the chain, for benchmarks of a chain (consensus) [default: 4].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object last.")
 @click.option("--list", "list_only", is_flag=True, help="List the benchmarks.")
-def bench(name: str | None, runs: int | None, nodes: int | None, as_json: bool,
-          list_only: bool) -> None:
+def bench(name: str | None, runs: int | None, nodes: int | None, validators: int | None,
+          as_json: bool, list_only: bool) -> None:
     """Run benchmark NAME; each figure is printed beside a baseline from the same run."""
     if list_only or name is None:
         for bench_name, module in BENCHMARKS.items():
@@ -293,6 +296,12 @@ def bench(name: str | None, runs: int | None, nodes: int | None, as_json: bool,
             kwargs["nodes"] = nodes
     elif nodes is not None:
         raise click.UsageError(f"--nodes does not apply to the {name} benchmark")
+    # Likewise only chain benchmarks take a validator count.
+    if "validators" in inspect.signature(module.run).parameters:
+        if validators is not None:
+            kwargs["validators"] = validators
+    elif validators is not None:
+        raise click.UsageError(f"--validators does not apply to the {name} benchmark")
     runs = runs or getattr(module, "DEFAULT_RUNS", DEFAULT_RUNS)
     with click.progressbar(length=runs * module.STEPS_PER_RUN, label=f"bench {name}", file=click.get_text_stream("stderr")) as bar:
         figures = module.run(runs=runs, progress=bar.update, **kwargs)

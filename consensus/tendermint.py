@@ -125,7 +125,6 @@ class Ready:
     messages: list[Message] = field(default_factory=list)  # to every validator
     decided: tuple[Block, CommitCertificate] | None = None
     evidence: list[Equivocation] = field(default_factory=list)
-    rejected: list[tuple[bytes | None, str]] = field(default_factory=list)  # (sender, why)
 
 
 BlockSource = Callable[[int, int], Block]  # (height, round) -> a new block to propose
@@ -178,18 +177,18 @@ class Tendermint:
             self._start_round(self.state.round, now)
             self._process(now)
 
-    def receive(self, msg: Message, now: float) -> None:
-        """A proposal or vote from the network (or a peer's relay of one)."""
+    def receive(self, msg: Message, now: float) -> str | None:
+        """A proposal or vote from the network (or a peer's relay of one); returns why it was
+        refused (a bad signature, not the proposer, not a validator), or None."""
         why = self._admit(msg)
         if why is not None:
             self.rejected += 1
-            sender = msg.proposer if isinstance(msg, Proposal) else msg.validator
-            self._out.rejected.append((sender, why))
-            return
+            return why
         if self._add(msg, own=False) and self.waiting:
             self.waiting = False
             self._start_round(self.state.round, now)
         self._process(now)
+        return None
 
     def tick(self, now: float) -> None:
         """Fire the timeouts that are due, and re-send when it is time."""

@@ -27,7 +27,8 @@ from hmnode.consensus.mempool import Mempool, MempoolLimits, TxRefused
 from hmnode.consensus.messages import (MAX_BLOCK_BYTES, Block, CommitCertificate,
                                        Equivocation, MessageRejected, Proposal, Transaction,
                                        Vote)
-from hmnode.consensus.tendermint import Message, Ready, SignerState, Tendermint, Timeouts
+from hmnode.consensus.tendermint import Message, SignerState, Tendermint, Timeouts
+from hmnode.consensus.validators import ValidatorSet
 from hmnode.env import Env, Timer, Txn
 from hmnode.identity import NodeId, NodeKey
 
@@ -161,7 +162,11 @@ class ChainNode:
                     self._future.append((src, msg))
                 self._ask_sync(src, now)
             elif self.engine is not None:
-                self.engine.receive(msg, now)
+                why = self.engine.receive(msg, now)
+                if why is not None:
+                    self._count("consensus_rejected")
+                    if "signature" in why:
+                        self._misbehaved(src, why)
         self._drain(now)
 
     def _take_txs(self, src: NodeId, body: Any) -> None:
@@ -245,12 +250,14 @@ class ChainNode:
         if self._woken_at is None and not engine.waiting:
             self._woken_at = now
         ready = engine.ready()
-        self._note_rejected(ready)
         self._keep_evidence(ready.evidence)
         if ready.decided is not None:
+            # Commit (durably) before sending what this step signed: once the block is ours
+            # this validator never votes at its height again, so its lock there is moot.
             block, cert = ready.decided
-            self._broadcast(ready.messages)
+            validators = engine.validators
             self._commit(block, cert, now)
+            self._broadcast(ready.messages, validators)
             return
         if ready.persist is not None:
             wire = ready.persist.to_wire()
@@ -281,11 +288,11 @@ class ChainNode:
             self.observer.block_committed(block, cert, head, now)
         self._new_height(now)
 
-    def _broadcast(self, msgs: list[Message]) -> None:
+    def _broadcast(self, msgs: list[Message], validators: ValidatorSet | None = None) -> None:
         if not msgs:
             return
         wire = [["p" if isinstance(m, Proposal) else "v", m.encode()] for m in msgs]
-        validators = self.chain.validators_at(self.head.height + 1)
+        validators = validators or self.chain.validators_at(self.head.height + 1)
         for start in range(0, len(wire), MAX_MSGS_PER_MESSAGE):
             body = {"msgs": wire[start:start + MAX_MSGS_PER_MESSAGE]}
             for key, _ in validators.members:
@@ -309,12 +316,6 @@ class ChainNode:
                         NodeId(ev.first.validator).short(), ev.first.height, ev.first.round,
                         extra={"event": "equivocation", "validator": str(NodeId(ev.first.validator)),
                                "height": ev.first.height})
-
-    def _note_rejected(self, ready: Ready) -> None:
-        for sender, why in ready.rejected:
-            self._count("consensus_rejected")
-            if sender is not None and "signature" in why:
-                self.env.net.misbehaved(NodeId(sender), why)
 
     # --- transactions out -----------------------------------------------------------------------
 

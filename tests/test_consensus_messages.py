@@ -261,6 +261,11 @@ def test_decoders_refuse_non_bytes_and_oversized(cls: Any) -> None:
             cls.decode(data)
     with pytest.raises(MessageRejected):
         cls.decode(b"\xc4" + b"\x00" * (2 << 20))
+    # Deeply nested arrays, map keys msgpack refuses, and a malformed timestamp extension.
+    for data in (b"\x91" * 3000 + b"\xc0", b"\x81\x01\x02", b"\xd6\xff\x00\x00\x00",
+                 b"\xc7\x03\xff\x00\x00\x00"):
+        with pytest.raises(MessageRejected):
+            cls.decode(data)
 
 
 @pytest.mark.parametrize("cls", DECODERS, ids=DECODER_IDS)
