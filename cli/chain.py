@@ -11,6 +11,7 @@ import click
 
 from hmnode import control
 from hmnode.cli.options import data_dir_option, json_option, print_json, resolve_data_dir
+from hmnode.chain_service import write_genesis
 from hmnode.consensus.chain import DEFAULT_EPOCH_BLOCKS, Genesis
 from hmnode.consensus.validators import ValidatorSet
 from hmnode.errors import ControlError, UsageError
@@ -132,7 +133,7 @@ def genesis(validators: tuple[str, ...], chain_id: str | None, epoch_blocks: int
         raise UsageError(f"not a valid validator set: {exc}") from None
     if output.exists():
         raise UsageError(f"{output} exists; remove it or choose another --output")
-    doc.write(output)
+    write_genesis(output, doc)
     if as_json:
         print_json({"path": str(output), **doc.to_json()})
     else:

@@ -16,10 +16,8 @@ cannot prove one key to a light client; that is left for later.)
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from hmnode import schema
@@ -92,18 +90,6 @@ class Genesis:
                                   data.get("app_state")])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise GenesisError(f"not a valid genesis: {exc}") from None
-
-    @classmethod
-    def load(cls, path: Path) -> "Genesis":
-        """Read a genesis JSON file; GenesisError saying what is wrong with it."""
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise GenesisError(f"cannot read the genesis file {path}: {exc}") from None
-        return cls.from_json(data)
-
-    def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,13 @@ class Agent:
         return self.mesh.stats()
 
     async def _status(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        chain = self.chain.status()
         return {
+            # The chain's headline figures at the top; the whole of it under "chain".
+            "height": chain["height"],
+            "validators": chain["validators"],
+            "is_validator": chain["is_validator"],
+            "last_commit_ms": chain["last_commit_ms"],
             "node_id": str(self.key.node_id),
             "version": __version__,
             "pid": os.getpid(),
@@ -252,7 +258,7 @@ class Agent:
             "peers": len(self.endpoint.peers),
             "store_map_bytes": self.store.map_size,
             "nat": self.traversal.status(),
-            "chain": self.chain.status(),
+            "chain": chain,
         }
 
     async def _chain(self, params: Mapping[str, Any]) -> dict[str, Any]:

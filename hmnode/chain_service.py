@@ -10,6 +10,7 @@ a new chain of which this node is the one validator, so a lone node commits on i
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -40,6 +41,20 @@ GENESIS_ASK_TIMEOUT_S = 5.0
 GENESIS_RETRY_S = 2.0
 MAX_WAITERS = 10_000
 COMMITS_KEPT = 4_096
+
+
+def load_genesis(path: Path) -> Genesis:
+    """Read a genesis JSON file; GenesisError saying what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise GenesisError(f"cannot read the genesis file {path}: {exc}") from None
+    return Genesis.from_json(data)
+
+
+def write_genesis(path: Path, genesis: Genesis) -> None:
+    """Write `genesis` as the JSON file `hmnode run --genesis` reads."""
+    path.write_text(json.dumps(genesis.to_json(), indent=2, sort_keys=True) + "\n")
 
 
 class ChainNotReady(HmnodeError):
@@ -89,7 +104,7 @@ class ChainService:
 
     async def _genesis(self) -> Genesis:
         if self.genesis_path is not None:
-            return Genesis.load(self.genesis_path)
+            return load_genesis(self.genesis_path)
         if not self.bootstrap:
             me = self.key.node_id
             return Genesis(f"hmnode-{me.short()}", int(time.time() * 1000),
@@ -246,4 +261,5 @@ def block_json(chain: Chain, block: Block, cert: CommitCertificate) -> dict[str,
     }
 
 
-__all__ = ["ChainNotReady", "ChainService", "GenesisError", "block_json"]
+__all__ = ["ChainNotReady", "ChainService", "GenesisError", "block_json", "load_genesis",
+           "write_genesis"]

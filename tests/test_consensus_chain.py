@@ -4,6 +4,7 @@ Tendermint engine for one height, driven by hand with time passed in as numbers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,23 @@ def test_mempool_forged_transactions_do_not_spend_the_real_senders_rate() -> Non
         with pytest.raises(TxRefused, match="bad signature"):
             mp.add(forged, 0.0)
     assert mp.add(put(ALICE, 1), 0.0)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "consensus/mempool.py Mempool._committed caches next_nonce(sender) in _committed_nonce "
+    "for every sender named by any transaction offered to add(), before the signature is "
+    "checked, and only forget_nonces() ever empties it: forged transactions with fresh sender "
+    "fields grow it without bound (the rate buckets stop at max_senders_tracked, it does not)"))
+def test_mempool_keeps_bounded_state_for_refused_senders() -> None:
+    mp = pool(MempoolLimits(max_senders_tracked=10))
+    template = put(ALICE, 1)
+    for i in range(300):
+        forged = dataclasses.replace(template, sender=hashlib.sha256(b"%d" % i).digest())
+        with pytest.raises(TxRefused, match="bad signature"):
+            mp.add(forged, 0.0)
+    assert len(mp) == 0
+    # Per-sender state of senders with nothing pending stays within the tracked bound.
+    assert len(getattr(mp, "_committed_nonce", {})) <= 10
 
 
 def test_mempool_reap_waits_for_a_gap_to_fill() -> None:
