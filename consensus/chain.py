@@ -131,22 +131,30 @@ class _Rollback(Exception):
         self.outcome = outcome
 
 
+_DELETED = object()  # a write log entry that deletes its key
+SPECULATIONS_KEPT = 8
+
+
 class RecordingTxn:
-    """A write transaction that records every write, in order, for the state root."""
+    """A write transaction that records every write, in order: hashed for the state root, and
+    logged so that a block executed speculatively is committed without executing it again."""
 
     def __init__(self, txn: Txn) -> None:
         self._txn = txn
         self.writes = hashlib.sha256()
+        self.log: list[tuple[Table, Any, Any]] = []
 
     def get(self, table: Table, key: Any, default: Any = None) -> Any:
         return self._txn.get(table, key, default)
 
     def put(self, table: Table, key: Any, record: Any) -> None:
         self.writes.update(pack([table.name, table.key.encode(key), table.codec.encode(record)]))
+        self.log.append((table, key, record))
         self._txn.put(table, key, record)
 
     def delete(self, table: Table, key: Any) -> bool:
         self.writes.update(pack([table.name, table.key.encode(key), None]))
+        self.log.append((table, key, _DELETED))
         return self._txn.delete(table, key)
 
     def items(self, table: Table, reverse: bool = False) -> Iterator[tuple[Any, Any]]:
@@ -165,6 +173,9 @@ class Chain:
         self.genesis: Genesis | None = None
         self._head: Head | None = None
         self._sets: dict[int, ValidatorSet] = {}
+        # Blocks executed speculatively (proposed or checked): block id -> (the head they were
+        # executed on, their write log, their state root).
+        self._speculated: dict[bytes, tuple[bytes, list[tuple[Table, Any, Any]], bytes]] = {}
         raw = storage.read(lambda tx: tx.get(schema.CHAIN, schema.CHAIN_GENESIS))
         if raw is not None:
             self.genesis = Genesis.from_wire(raw)
@@ -281,13 +292,15 @@ class Chain:
                 self._deliver(rec, t, height, time_ms, len(taken))
                 taken.append(t)
             self._end_block(rec, height)
-            return taken, self._root(head, height, rec)
+            return taken, self._root(head, height, rec), rec.log
 
-        taken, root = self._speculate(run)
+        taken, root, log = self._speculate(run)
         txs = tuple(taken)
         header = Header(self.chain_id, height, time_ms, head.block_id, proposer, txs_hash(txs),
                         root, self.validators_at(height).hash)
-        return Block(header, txs)
+        block = Block(header, txs)
+        self._remember(block.block_id, head.block_id, log, root)
+        return block
 
     def check_block(self, block: Block, now_ms: int | None,
                     verified: Callable[[bytes], bool] = lambda _: False) -> str | None:
@@ -320,12 +333,18 @@ class Chain:
                 except MessageRejected as exc:
                     return str(exc)
         try:
-            root = self._speculate(lambda tx: self._execute(tx, block))
+            root, log = self._speculate(lambda tx: self._execute(tx, block))
         except MessageRejected as exc:
             return str(exc)
         if root != h.state_root:
             return "its state root is not what its transactions produce"
+        self._remember(block.block_id, head.block_id, log, root)
         return None
+
+    def _remember(self, block_id: bytes, head_id: bytes, log: list, root: bytes) -> None:
+        if len(self._speculated) >= SPECULATIONS_KEPT:
+            self._speculated.pop(next(iter(self._speculated)))
+        self._speculated[block_id] = (head_id, log, root)
 
     def commit(self, block: Block, cert: CommitCertificate) -> Head:
         """Execute and store `block` with its certificate in one write transaction (and make it
@@ -335,7 +354,19 @@ class Chain:
             head = self._read_head(tx)
             if block.height != head.height + 1 or block.header.prev_id != head.block_id:
                 raise ChainError(f"block {block.height} does not follow the head {head.height}")
-            root = self._execute(tx, block)
+            known = self._speculated.get(block.block_id)
+            if known is not None and known[0] == head.block_id:
+                # Executed on this very state already: write what it wrote (the last write of
+                # each key is what stays).
+                last = {(table.name, key): (table, key, record) for table, key, record in known[1]}
+                for table, key, record in last.values():
+                    if record is _DELETED:
+                        tx.delete(table, key)
+                    else:
+                        tx.put(table, key, record)
+                root = known[2]
+            else:
+                root, _ = self._execute(tx, block)
             if root != block.header.state_root:
                 raise ChainError(
                     f"block {block.height} is certified with state root "
@@ -354,10 +385,11 @@ class Chain:
             self._head = self.storage.write(write)
         except MessageRejected as exc:
             raise ChainError(f"certified block {block.height} does not execute: {exc}") from None
+        self._speculated.clear()  # all of them were executed on the old head
         return self._head
 
-    def _execute(self, tx: Txn, block: Block) -> bytes:
-        """Apply `block`'s transactions inside `tx`; returns the state root."""
+    def _execute(self, tx: Txn, block: Block) -> tuple[bytes, list]:
+        """Apply `block`'s transactions inside `tx`; returns the state root and write log."""
         head = self._read_head(tx)
         rec = RecordingTxn(tx)
         for i, t in enumerate(block.txs):
@@ -365,7 +397,7 @@ class Chain:
                 raise MessageRejected(f"transaction {i} has nonce {t.nonce}, not the next one")
             self._deliver(rec, t, block.height, block.header.time_ms, i)
         self._end_block(rec, block.height)
-        return self._root(head, block.height, rec)
+        return self._root(head, block.height, rec), rec.log
 
     def _deliver(self, rec: RecordingTxn, t: Transaction, height: int, time_ms: int,
                  index: int) -> None:

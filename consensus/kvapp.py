@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgpack
-
 from hmnode import schema
 from hmnode.env import Txn
 
@@ -84,8 +82,5 @@ class KeyValueApp:
 
 
 def _body(tx: Transaction) -> dict | None:
-    try:
-        body = msgpack.unpackb(tx.body, raw=False, strict_map_key=True)
-    except Exception:  # any malformed body is the same refusal
-        return None
+    body = tx.payload
     return body if isinstance(body, dict) else None

@@ -140,6 +140,15 @@ class Transaction:
     def tx_id(self) -> bytes:
         return sha256(self.encoded)
 
+    @cached_property
+    def payload(self) -> Any:
+        """The body decoded (bounded), or None when it is not valid msgpack; decoded once, as
+        a block's transactions are executed more than once."""
+        try:
+            return unpack(self.body, "transaction body", MAX_TX_BYTES)
+        except MessageRejected:
+            return None
+
     @classmethod
     def from_wire(cls, wire: Any) -> "Transaction":
         f = _Fields(wire, 6, "transaction")
@@ -231,6 +240,11 @@ class Block:
         return [self.header.to_wire(), [tx.to_wire() for tx in self.txs]]
 
     def encode(self) -> bytes:
+        return self.encoded
+
+    @cached_property
+    def encoded(self) -> bytes:
+        # Blocks travel in proposals, signer states and the store: encode each one once.
         return pack(self.to_wire())
 
     @classmethod
@@ -269,7 +283,7 @@ class Proposal:
                      self.block.block_id, self.proposer])
 
     def to_wire(self) -> list:
-        return [self.chain_id, self.height, self.round, self.valid_round, self.block.to_wire(),
+        return [self.chain_id, self.height, self.round, self.valid_round, self.block.encode(),
                 self.proposer, self.signature]
 
     def encode(self) -> bytes:
@@ -280,7 +294,8 @@ class Proposal:
         f = _Fields(wire, 7, "proposal")
         proposal = cls(f.str("chain id", MAX_CHAIN_ID), f.int("height", 1, MAX_HEIGHT),
                        f.int("round", 0, MAX_ROUND), f.int("valid round", -1, MAX_ROUND),
-                       Block.from_wire(f.list("block", 2)), f.bytes("proposer", (ID_BYTES,)),
+                       Block.decode(f.bytes("block", limit=MAX_BLOCK_BYTES)),
+                       f.bytes("proposer", (ID_BYTES,)),
                        f.bytes("signature", (SIG_BYTES,)))
         if proposal.valid_round >= proposal.round:
             raise MessageRejected("proposal: its valid round is not before its round")

@@ -97,22 +97,34 @@ class SignerState:
     sent: dict[tuple[str, int], Message] = field(default_factory=dict)  # (kind, round) -> msg
 
     def to_wire(self) -> list:
-        return [self.height, self.round, self.step, self.locked_round,
-                None if self.locked_block is None else self.locked_block.to_wire(),
-                self.valid_round,
-                None if self.valid_block is None else self.valid_block.to_wire(),
-                [[kind, r, msg.to_wire()] for (kind, r), msg in sorted(self.sent.items())]]
+        # The lock, the valid block and our proposals are mostly one block: store each once.
+        blocks = {b.block_id: b.encode() for b in (
+            [self.locked_block, self.valid_block]
+            + [m.block for m in self.sent.values() if isinstance(m, Proposal)]) if b is not None}
+        return [self.height, self.round, self.step,
+                self.locked_round, None if self.locked_block is None else self.locked_block.block_id,
+                self.valid_round, None if self.valid_block is None else self.valid_block.block_id,
+                [[kind, r, msg.encode()] for (kind, r), msg in sorted(self.sent.items())
+                 if isinstance(msg, Vote)],
+                [[r, msg.chain_id, msg.proposer, msg.signature, msg.valid_round,
+                  msg.block.block_id]
+                 for (kind, r), msg in sorted(self.sent.items()) if isinstance(msg, Proposal)],
+                list(blocks.values())]
 
     @classmethod
     def from_wire(cls, wire: Any) -> "SignerState":
+        """Read back what `to_wire` wrote; MessageRejected if it is damaged."""
         try:
-            height, round_, step, lr, lb, vr, vb, sent = wire
-            state = cls(height, round_, step, lr, None if lb is None else Block.from_wire(lb),
-                        vr, None if vb is None else Block.from_wire(vb))
-            for kind, r, msg in sent:
-                state.sent[(kind, r)] = (Proposal.from_wire(msg) if kind == "proposal"
-                                         else Vote.from_wire(msg))
-        except (ValueError, TypeError) as exc:
+            height, round_, step, lr, lid, vr, vid, votes, proposals, raw_blocks = wire
+            blocks = {b.block_id: b for b in (Block.decode(raw) for raw in raw_blocks)}
+            state = cls(height, round_, step, lr, None if lid is None else blocks[lid],
+                        vr, None if vid is None else blocks[vid])
+            for kind, r, raw in votes:
+                state.sent[(kind, r)] = Vote.decode(raw)
+            for r, chain_id, proposer, signature, valid_round, bid in proposals:
+                state.sent[("proposal", r)] = Proposal(chain_id, height, r, valid_round,
+                                                       blocks[bid], proposer, signature)
+        except (ValueError, TypeError, KeyError) as exc:
             raise MessageRejected(f"signer state: malformed ({exc})") from None
         return state
 

@@ -303,8 +303,8 @@ class Load(threading.Thread):
                     (result,) = submit(self.mesh, name, [tx.encode()])
                 except HmnodeError:
                     continue  # it died under us; the next node takes it
-                if result["accepted"]:
-                    taken += 1
+                if result["accepted"] or "already used" in result["error"]:
+                    taken += 1  # taken, or committed already through the other node
                 else:
                     self.errors.append(f"{name} refused nonce {nonce}: {result}")
             if taken == 0:
@@ -411,6 +411,7 @@ def test_forged_transactions_and_votes_are_refused_and_change_nothing(
     impersonated = NodeId.parse(next(v["node_id"] for v in status["chain"]["validators"]
                                      if v["node_id"] != status["node_id"]))
     rejected_before = status["chain"]["counters"].get("consensus_rejected", 0)
+    blamed_before = call(mesh, target, "peers")["misbehaviour"]
     msgs = forge_votes(call(mesh, target, "status"), impersonated, attacker, NodeKey.generate())
     send_over_quic(mesh, target, attacker, msgs, rejected_before)
 
@@ -418,8 +419,12 @@ def test_forged_transactions_and_votes_are_refused_and_change_nothing(
     assert after["pid"] == status["pid"], "the target restarted"
     assert after["chain"]["halted"] is None
     assert after["chain"]["height"] == before[target]
+    # The forgery is counted against the peer that sent it, never against the honest
+    # validator whose name it bore.
     misbehaviour = call(mesh, target, "peers")["misbehaviour"]
-    assert sum(misbehaviour.values()) >= 1, misbehaviour  # the forgery was recorded
+    assert misbehaviour.get(str(attacker.node_id), 0) >= 1, misbehaviour
+    assert misbehaviour.get(str(impersonated), 0) == blamed_before.get(str(impersonated), 0), \
+        misbehaviour
 
     # The chain still commits: the honest transaction (the nonce the forgery carried).
     (taken,) = submit(mesh, nodes[3], [good.encode()])
@@ -436,26 +441,3 @@ def test_forged_transactions_and_votes_are_refused_and_change_nothing(
         block = call(mesh, target, "chain", {"height": h})
         assert not forged_ids & {tx["tx_id"] for tx in block["transactions"]}
 
-
-@pytest.mark.xfail(strict=True, reason="a vote with a bad signature is counted as misbehaviour "
-                   "of the validator it names, not of the peer that sent it "
-                   "(ChainNode._note_rejected blames Ready.rejected's sender, the vote's claimed "
-                   "validator)")
-def test_forged_vote_is_blamed_on_the_peer_that_sent_it(four_validators: LocalMesh) -> None:
-    mesh, nodes = four_validators, names(4)
-    target = nodes[2]
-    status = call(mesh, target, "status")
-    attacker = NodeKey.generate()
-    impersonated = next(v["node_id"] for v in status["chain"]["validators"]
-                        if v["node_id"] != status["node_id"])
-    blamed_before = call(mesh, target, "peers")["misbehaviour"]
-    send_over_quic(mesh, target, attacker,
-                   forge_votes(status, NodeId.parse(impersonated), attacker, None),
-                   status["chain"]["counters"].get("consensus_rejected", 0))
-
-    blamed = call(mesh, target, "peers")["misbehaviour"]
-    assert chain_status(mesh, target)["halted"] is None
-    # The honest validator whose name was forged did nothing wrong ...
-    assert blamed.get(impersonated, 0) == blamed_before.get(impersonated, 0), blamed
-    # ... the peer that sent the forgery did.
-    assert blamed.get(str(attacker.node_id), 0) >= 1, blamed
