@@ -26,7 +26,7 @@ from hmnode.errors import HmnodeError, UsageError
 from hmnode.identity import NodeId
 from hmnode.schema import Table
 
-from .messages import (MAX_BLOCK_BYTES, MAX_BLOCK_TXS, MAX_CHAIN_ID, Block,
+from .messages import (MAX_BLOCK_BYTES, MAX_BLOCK_TXS, MAX_CHAIN_ID, MAX_VALIDATORS, Block,
                        CommitCertificate, Header, MessageRejected, Transaction, pack, sha256,
                        txs_hash, verify_tx)
 from .validators import ValidatorSet
@@ -411,7 +411,10 @@ class Chain:
             return
         wanted = self.app.validators(rec)
         if wanted:
-            members = sorted((k, p) for k, p in wanted if p > 0)
+            # At most MAX_VALIDATORS, the most powerful (ties by key), so no committed block can
+            # leave the next epoch without a valid set.
+            ranked = sorted(((k, p) for k, p in wanted if p > 0), key=lambda kp: (-kp[1], kp[0]))
+            members = sorted(ranked[:MAX_VALIDATORS])
             if members:
                 rec.put(schema.VALIDATOR_SETS, height // epoch_blocks,
                         [[k, p] for k, p in members])

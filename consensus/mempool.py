@@ -72,8 +72,10 @@ class Mempool:
         if tid in self._by_id:
             return False
         try:
-            self._admit(tx, now)
+            self._check_room(tx)
+            # The signature before the rate: a forgery naming a sender must not spend its rate.
             verify_tx(tx, self.chain_id)
+            self._charge(tx.sender, now)
         except (TxRefused, MessageRejected) as exc:
             self.refused += 1
             raise TxRefused(str(exc)) from None
@@ -83,7 +85,7 @@ class Mempool:
         self._bytes += len(tx.encode())
         return True
 
-    def _admit(self, tx: Transaction, now: float) -> None:
+    def _check_room(self, tx: Transaction) -> None:
         lim = self.limits
         if tx.nonce <= self._committed(tx.sender):
             raise TxRefused(f"nonce {tx.nonce} is already used; the sender's next is "
@@ -100,10 +102,13 @@ class Mempool:
         if tx.nonce > self._committed(tx.sender) + lim.max_per_sender:
             raise TxRefused(f"nonce {tx.nonce} is too far ahead of the sender's next "
                             f"({self._committed(tx.sender) + 1})")
-        bucket = self._buckets.pop(tx.sender, None) or _Bucket(lim.sender_burst, now)
+
+    def _charge(self, sender: bytes, now: float) -> None:
+        lim = self.limits
+        bucket = self._buckets.pop(sender, None) or _Bucket(lim.sender_burst, now)
         bucket.tokens = min(lim.sender_burst, bucket.tokens + (now - bucket.at) * lim.sender_rate)
         bucket.at = now
-        self._buckets[tx.sender] = bucket  # most recently used last
+        self._buckets[sender] = bucket  # most recently used last
         while len(self._buckets) > lim.max_senders_tracked:
             self._buckets.popitem(last=False)
         if bucket.tokens < 1.0:
@@ -112,9 +117,15 @@ class Mempool:
         bucket.tokens -= 1.0
 
     def _committed(self, sender: bytes) -> int:
-        if sender not in self._committed_nonce:
-            self._committed_nonce[sender] = self._next_nonce(sender) - 1
-        return self._committed_nonce[sender]
+        # Cached only for senders with pending transactions (dropped with their last one), so
+        # refused senders leave nothing behind.
+        known = self._committed_nonce.get(sender)
+        if known is not None:
+            return known
+        committed = self._next_nonce(sender) - 1
+        if sender in self._by_sender:
+            self._committed_nonce[sender] = committed
+        return committed
 
     def pending_nonce(self, sender: bytes, nonce: int) -> bool:
         """Whether a transaction of `sender` with `nonce` is waiting here."""
@@ -145,17 +156,19 @@ class Mempool:
 
     def committed(self, txs: tuple[Transaction, ...] | list[Transaction]) -> None:
         """A block committed `txs`: drop them, and whatever their nonces made stale."""
+        floors: dict[bytes, int] = {}
         for tx in txs:
-            self._committed_nonce[tx.sender] = max(self._committed(tx.sender), tx.nonce)
-        for sender in {tx.sender for tx in txs}:
+            floors[tx.sender] = max(floors.get(tx.sender, 0), tx.nonce)
+        for sender, floor in floors.items():
             pending = self._by_sender.get(sender)
             if pending is None:
                 continue
-            floor = self._committed_nonce[sender]
+            self._committed_nonce[sender] = max(self._committed(sender), floor)
             for nonce in [n for n in pending if n <= floor]:
                 self._drop(pending.pop(nonce))
             if not pending:
                 del self._by_sender[sender]
+                self._committed_nonce.pop(sender, None)
 
     def forget_nonces(self) -> None:
         """Re-read committed nonces from the chain (after block sync applied blocks we did not
@@ -168,6 +181,7 @@ class Mempool:
                 self._drop(pending.pop(nonce))
             if not pending:
                 del self._by_sender[sender]
+                self._committed_nonce.pop(sender, None)
 
     def _drop(self, tx: Transaction) -> None:
         self._by_id.pop(tx.tx_id, None)

@@ -47,7 +47,8 @@ from .validators import ValidatorSet
 
 PROPOSE, PREVOTE_STEP, PRECOMMIT_STEP = 0, 1, 2
 STEP_NAMES = {PROPOSE: "propose", PREVOTE_STEP: "prevote", PRECOMMIT_STEP: "precommit"}
-MAX_VOTES_PER_SLOT = 3  # distinct blocks one validator's votes count for, per (kind, round)
+MAX_VOTES_PER_SLOT = 3
+MAX_PROPOSALS_PER_ROUND = 3  # distinct blocks one validator's votes count for, per (kind, round)
 FUTURE_ROUNDS = 2  # rounds ahead of ours whose votes are kept (later ones are re-sent to us)
 RESEND_ROUNDS = 2  # own messages of this many rounds before ours are re-sent too
 MAX_RESEND = 64
@@ -160,7 +161,10 @@ class Tendermint:
             else SignerState(height)
         self.waiting = restored is None or restored.height != height
         self.decision: tuple[Block, CommitCertificate] | None = None
-        self.proposals: dict[int, Proposal] = {}
+        # round -> the proposals heard, first first. Only the first is prevoted, but a quorum
+        # may form on another one an equivocating proposer showed to others: keeping a few
+        # lets this node decide (or lock on) that block without a block sync.
+        self.proposals: dict[int, list[Proposal]] = {}
         # (kind, round) -> validator -> block id -> vote: an equivocator's votes count for each
         # block they name (never twice for one block), which is safe (two quorums still share
         # an honest validator) and keeps a polka one node saw countable by the others.
@@ -252,10 +256,11 @@ class Tendermint:
         if msg.round > self.state.round + FUTURE_ROUNDS:
             return True  # counted for line 55 only; it will be re-sent once we are nearer
         if isinstance(msg, Proposal):
-            held = self.proposals.get(msg.round)
-            if held is not None:
-                return False  # a second proposal for one round: the first one stands
-            self.proposals[msg.round] = msg
+            held_props = self.proposals.setdefault(msg.round, [])
+            if len(held_props) >= MAX_PROPOSALS_PER_ROUND or any(
+                    p.block.block_id == msg.block.block_id for p in held_props):
+                return False
+            held_props.append(msg)
             return True
         held = self.votes.setdefault((msg.kind, msg.round), {}).setdefault(msg.validator, {})
         if msg.block_id in held:
@@ -315,7 +320,7 @@ class Tendermint:
     def _step_once(self, now: float) -> bool:
         s = self.state
         # Line 49: a decision, in any round.
-        for r, prop in sorted(self.proposals.items()):
+        for r, prop in [(r, p) for r in sorted(self.proposals) for p in self.proposals[r]]:
             bid = prop.block.block_id
             if self._quorum(PRECOMMIT, r, bid) and self._valid_block(prop.block):
                 votes = self._votes_for(PRECOMMIT, r, bid)
@@ -329,7 +334,8 @@ class Tendermint:
         if target is not None:
             self._start_round(target, now)
             return True
-        prop = self.proposals.get(s.round)
+        props = self.proposals.get(s.round, [])
+        prop = props[0] if props else None
         if s.step == PROPOSE and prop is not None and not self.waiting:
             block, vr = prop.block, prop.valid_round
             if vr == -1:  # line 22
@@ -346,9 +352,10 @@ class Tendermint:
                 and self._quorum(PREVOTE, s.round):  # line 34
             self._fired.add(("prevote-timer", s.round))
             self._schedule("prevote", s.round, now + self.timeouts.prevote(s.round))
-        if prop is not None and s.step >= PREVOTE_STEP and ("polka", s.round) not in self._fired \
-                and self._quorum(PREVOTE, s.round, prop.block.block_id) \
-                and self._valid_block(prop.block):  # line 36
+        polka = next((p for p in props if self._quorum(PREVOTE, s.round, p.block.block_id)), None)
+        if polka is not None and s.step >= PREVOTE_STEP and ("polka", s.round) not in self._fired \
+                and self._valid_block(polka.block):  # line 36
+            prop = polka
             self._fired.add(("polka", s.round))
             # Relay the polka once: a validator that missed a vote in it can still lock.
             self._out.messages.extend(
