@@ -1,6 +1,6 @@
-"""The `consensus` and `consensus-byzantine` scenarios: validators running the real
-`ChainNode` (Tendermint engine, mempool, block sync, chain execution over a simulated store)
-while clients submit transactions, under faults the seed picks; then checkers.
+"""The `consensus` and `consensus-byzantine` scenarios: validators and a follower running the
+real `ChainNode` (Tendermint engine, mempool, block sync, chain execution over a simulated
+store) while clients submit transactions, under faults the seed picks; then checkers.
 
 Faults (from the gossip scenario's `FaultPlan`, over the honest validators): loss, duplication,
 corruption and reordering, a partition, a crash and restart from what the node had synced, a
@@ -15,8 +15,9 @@ Checkers:
 - validity: every committed transaction is signed by its sender, every client transaction in
   a block is one a client submitted, and every certificate verifies against the validator set;
 - durability: a restarted validator still holds every block it had reported committed;
-- liveness: after the heal, every honest validator commits new blocks and reaches the same head,
-  and every client transaction commits (clients re-send what a crashed node's mempool lost);
+- liveness: after the heal, every honest validator and follower commits new blocks and reaches
+  the same head, and every client transaction commits (clients send to validators and
+  followers alike, and re-send what a crashed node's mempool lost);
 - no_honest_equivocation: no evidence ever names an honest validator;
 - no_crash: no core raised (invariant checks included) on any input.
 """
@@ -73,16 +74,18 @@ class ChainSimSettings:
                                   resend_s=0.5)
     epoch_blocks: int = 20
     power_change: bool = True  # an honest validator changes its power mid-run
+    followers: int = 1  # nodes that follow the chain without validating
 
 
-class _Validator:
-    """One simulated validator process over a disk that survives its crashes as far as it
-    synced."""
+class _SimNode:
+    """One simulated node process (a validator, or a follower) over a disk that survives its
+    crashes as far as it synced."""
 
-    def __init__(self, sim: "ConsensusSim", index: int, key: NodeKey, byzantine: bool) -> None:
+    def __init__(self, sim: "ConsensusSim", index: int, key: NodeKey, byzantine: bool,
+                 name: str) -> None:
         self.sim = sim
         self.index = index
-        self.name = f"v{index}"
+        self.name = name
         self.key = key
         self.id = key.node_id
         self.byzantine = byzantine
@@ -193,10 +196,14 @@ class ConsensusSim:
             (nodes - 1) // 3 if scenario == "consensus-byzantine" else 0)
         keys = [NodeKey(nacl.signing.SigningKey(self.rng.randbytes(32))) for _ in range(nodes)]
         # The Byzantine validators are the last ones; faults strike the honest ones.
-        self.validators = [_Validator(self, i, k, byzantine=i >= nodes - byz)
+        self.validators = [_SimNode(self, i, k, byzantine=i >= nodes - byz, name=f"v{i}")
                            for i, k in enumerate(keys)]
         self.honest = [v for v in self.validators if not v.byzantine]
-        self.by_id = {v.id: v for v in self.validators}
+        # Followers hold no stake: they take blocks by sync and check their certificates.
+        self.followers = [_SimNode(self, nodes + j, NodeKey(nacl.signing.SigningKey(
+            self.rng.randbytes(32))), byzantine=False, name=f"f{j}")
+            for j in range(settings.followers)]
+        self.by_id = {v.id: v for v in self.validators + self.followers}
         self.genesis = Genesis(CHAIN_ID, 1_700_000_000_000,
                                ValidatorSet.of((k.node_id.key, 10) for k in keys),
                                settings.epoch_blocks)
@@ -234,7 +241,7 @@ class ConsensusSim:
     def problem(self, checker: str, text: str) -> None:
         self.problems.setdefault(checker, f"t={self.clock.now:.3f}: {text}")
 
-    def core_error(self, v: _Validator, exc: BaseException) -> None:
+    def core_error(self, v: _SimNode, exc: BaseException) -> None:
         self.count("core_exceptions")
         if isinstance(exc, ChainError) and v.byzantine:
             return
@@ -242,7 +249,7 @@ class ConsensusSim:
         self.problem("no_crash", f"{v.name}: {type(exc).__name__}: {exc} "
                                  f"({where.filename.rsplit('/', 1)[-1]}:{where.lineno})")
 
-    def committed(self, v: _Validator, block: Block, cert: CommitCertificate) -> None:
+    def committed(self, v: _SimNode, block: Block, cert: CommitCertificate) -> None:
         held = self.commits.get(block.height)
         if held is None:
             self.commits[block.height] = (block.block_id, v.name)
@@ -252,7 +259,7 @@ class ConsensusSim:
                                       f"{block.block_id.hex()[:12]}, {held[1]} committed "
                                       f"{held[0].hex()[:12]}")
 
-    def _check_block(self, v: _Validator, block: Block, cert: CommitCertificate) -> None:
+    def _check_block(self, v: _SimNode, block: Block, cert: CommitCertificate) -> None:
         clients = {c.node_id.key for c in self.clients}
         for tx in block.txs:
             try:
@@ -270,7 +277,7 @@ class ConsensusSim:
 
     # --- the nemesis ------------------------------------------------------------------------------
 
-    def nemesis(self, v: _Validator, dst: NodeId, body: dict[str, Any]) -> dict[str, Any] | None:
+    def nemesis(self, v: _SimNode, dst: NodeId, body: dict[str, Any]) -> dict[str, Any] | None:
         """What a Byzantine validator sends `dst` instead of its honest messages."""
         rng = self.rng
         if rng.random() < 0.15:
@@ -301,7 +308,7 @@ class ConsensusSim:
             self.net.send(v.id, dst, "chain.txs", {"txs": [forged.encode()]})
         return {"msgs": out}
 
-    def _equivocate(self, v: _Validator, msg: Proposal | Vote) -> Proposal | Vote:
+    def _equivocate(self, v: _SimNode, msg: Proposal | Vote) -> Proposal | Vote:
         if isinstance(msg, Proposal):
             h = msg.block.header
             if self.rng.random() < 0.2:
@@ -331,7 +338,8 @@ class ConsensusSim:
     def _load(self) -> None:
         if self.clock.now < self.duration - 3.0:
             i = self.rng.randrange(CLIENTS)
-            target = self.rng.choice([v for v in self.honest if v.up] or self.honest)
+            target = self.rng.choice([v for v in self.honest + self.followers if v.up]
+                                     or self.honest)
             for _ in range(self.rng.randint(1, 4)):
                 self._nonces[i] += 1
                 tx = sign_tx(self.clients[i], CHAIN_ID, self._nonces[i], "kv.put",
@@ -341,7 +349,7 @@ class ConsensusSim:
                 self._submit(target, tx)
         self.clock.call_later(self.settings.load_every_s * self.rng.uniform(0.5, 1.5), self._load)
 
-    def _submit(self, target: _Validator, tx: Transaction) -> None:
+    def _submit(self, target: _SimNode, tx: Transaction) -> None:
         def submit() -> None:
             try:
                 target.node.submit(tx)
@@ -430,7 +438,7 @@ class ConsensusSim:
 
     def start(self) -> None:
         """Schedule the boots, the load and the faults."""
-        for v in self.validators:
+        for v in self.validators + self.followers:
             self.clock.call_at(self.start_at * self.rng.random(), v.boot)
         self.clock.call_at(self.start_at, self._load)
         self.clock.call_at(self.start_at + RESUBMIT_S, self._resubmit)
@@ -440,7 +448,7 @@ class ConsensusSim:
 
     def result(self) -> Result:
         verdicts: dict[str, bool | str] = {}
-        live = [v for v in self.honest if v.up]
+        live = [v for v in self.honest + self.followers if v.up]
         heights = {v.name: v.node.head.height for v in live}
         top = max(heights.values(), default=0)
         if self.height_at_heal is not None and top <= self.height_at_heal:
@@ -451,7 +459,7 @@ class ConsensusSim:
             self.problem("liveness", f"{len(lost)} client transactions never committed")
         behind = {n: h for n, h in heights.items() if h != top}
         if behind:
-            self.problem("liveness", f"honest validators did not reach the head {top}: {behind}")
+            self.problem("liveness", f"honest nodes did not reach the head {top}: {behind}")
         for v in live:
             for raw in _evidence(v):
                 ev = Equivocation.decode(raw)
@@ -465,6 +473,7 @@ class ConsensusSim:
         stats = {
             "plan": self.plan.describe(),
             "byzantine": len(self.validators) - len(self.honest),
+            "followers": len(self.followers),
             "heal_at": round(self.heal_at, 3),
             "height": top,
             "height_at_heal": self.height_at_heal,
@@ -479,11 +488,11 @@ class ConsensusSim:
                       verdicts, stats)
 
 
-def _evidence(v: _Validator) -> list[bytes]:
+def _evidence(v: _SimNode) -> list[bytes]:
     return v.disk.read(lambda tx: [raw for _, raw in tx.items(schema.EVIDENCE)])
 
 
-def _committed_txs(v: _Validator) -> int:
+def _committed_txs(v: _SimNode) -> int:
     return v.disk.read(lambda tx: tx.count(schema.TX_RESULTS))
 
 
