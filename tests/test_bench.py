@@ -74,3 +74,30 @@ def test_proofs_bench_gives_every_key_the_issue_names() -> None:
         figures["time_verify_ms"] / figures["modexp_ms"], rel=0.02)
     assert isinstance(figures["verify_floor_ok"], bool)
     assert "every verify" in result.stderr
+
+
+def test_consensus_bench_commits_every_transaction_on_four_validators() -> None:
+    """A small load on four real validators and the one-validator baseline: every key the issue
+    names, everything submitted committed; and --validators only for chain benchmarks."""
+    from hmnode.simnet.bench import consensus
+
+    steps: list[int] = []
+    figures = consensus.run(runs=1, progress=steps.append, validators=4, transactions=1000,
+                            duration_s=1.0)
+    figures = json.loads(json.dumps(figures))
+    for key in ("validators", "tx_per_s", "commit_ms_p50", "commit_ms_p99", "baseline_tx_per_s",
+                "baseline_commit_ms_p50", "baseline_commit_ms_p99", "tx_per_s_ratio",
+                "commit_p50_ratio", "node_cpu_us_per_tx"):
+        assert figures[key] is not None, key
+    assert figures["validators"] == 4 and sum(steps) == consensus.STEPS_PER_RUN
+    assert figures["committed"] == figures["transactions"] == 1000
+    assert figures["baseline_committed"] == 1000
+    assert figures["latency_committed"] == figures["latency_transactions"] > 0
+    assert figures["tx_per_s"] > 0 and figures["baseline_tx_per_s"] > 0
+    assert 0 < figures["commit_ms_p50"] <= figures["commit_ms_p99"]
+    assert figures["tx_per_s_ratio"] == pytest.approx(
+        figures["tx_per_s"] / figures["baseline_tx_per_s"], rel=0.01)
+    assert any("1 validator" in line for line in consensus.report(figures))
+
+    refused = hmnode("simnet", "bench", "startup", "--validators", "4")
+    assert refused.returncode == 2 and "--validators does not apply" in refused.stderr

@@ -11,9 +11,14 @@ and a first block commits, then measures two phases:
   are sent again. tx_per_s = committed transactions / (the commit time of the last one - the
   time of the first submit), commit times as one validator reports them (`commits`).
 - Latency: a steady load well under that throughput (`latency_rate` tx/s, at most a third of
-  it) in small batches every 20 ms for `duration_s`, each batch to the next validator in turn.
+  it) in small batches every 20 ms for `duration_s`, each batch to the next validator in turn
+  (one thread per validator, so that a slow answer from one does not hold back the others).
   A transaction's commit latency is its block's `committed_at` on the validator it was
   submitted to minus the wall time just before its `submit_txs` call (one machine, one clock).
+
+Beside them: the CPU time all nodes together spent per committed transaction in the throughput
+phase, and how many cores other work on the machine kept busy meanwhile (the nodes share the
+machine's cores, so that bounds what they can do).
 
 Baseline from the same run: the same two phases on a chain of one validator (a one-node
 mesh), so each figure is shown beside what the chain does without any consensus traffic.
@@ -32,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from hmnode import control
 from hmnode.consensus.messages import sign_tx
@@ -56,6 +63,7 @@ CALL_TIMEOUT_S = 10.0
 POLL_S = 0.05
 READY_TIMEOUT_S = 60.0
 WARMUP_TIMEOUT_S = 60.0
+THROUGHPUT_TIMEOUT_S = 120.0
 DRAIN_TIMEOUT_S = 60.0  # after the last submit, for the rest to commit
 MAX_REFUSALS = 200  # times one transaction may be refused before it is given up
 # Unix socket paths hold 107 bytes; the mesh's node dirs go where their control sockets fit.
@@ -338,49 +346,68 @@ def _latency(mesh: LocalMesh, names: list[str], chain_id: str, rate: float,
     ticks = max(1, round(duration_s / LATENCY_TICK_S))
     total = max(1, round(rate * ticks * LATENCY_TICK_S))
     keys = [NodeKey.generate() for _ in range(k * LATENCY_SENDERS_PER_VALIDATOR)]
-    # How many go out at each tick (spread evenly), and so how many through each validator.
+    # How many go out at each tick (spread evenly); tick i goes to validator i mod k.
     sizes = [(total * (i + 1)) // ticks - (total * i) // ticks for i in range(ticks)]
-    through = [sum(sizes[i] for i in range(v, ticks, k)) for v in range(k)]
     queues = []
     for v in range(k):
         mine = keys[v * LATENCY_SENDERS_PER_VALIDATOR:(v + 1) * LATENCY_SENDERS_PER_VALIDATOR]
-        signed = _sign(chain_id, mine, _split(through[v], len(mine)), f"lat{v}")
-        queues.append(deque(_interleave(signed)))
+        through = sum(sizes[i] for i in range(v, ticks, k))
+        queues.append(deque(_interleave(_sign(chain_id, mine, _split(through, len(mine)),
+                                              f"lat{v}"))))
     commits = _Commits(mesh, names)
     commits.start_here()
     submitted: dict[str, tuple[str, float]] = {}  # tx id -> (validator, first submit time)
-    retry: list[deque[_Signed]] = [deque() for _ in names]
-    refused = 0
-    started = time.monotonic()
-    next_poll = started + 1.0
-    for i, size in enumerate(sizes):
-        wait = started + i * LATENCY_TICK_S - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        v = i % k
-        take = list(retry[v]) + [queues[v].popleft() for _ in range(min(size, len(queues[v])))]
-        retry[v].clear()
-        if not take:
-            continue
-        t0 = time.time()
-        answer = _call(mesh, names[v], "submit_txs", {"txs": [tx.raw for tx in take]})
-        for tx, result in zip(take, answer["results"]):
-            if result.get("accepted"):
-                submitted.setdefault(tx.tx_id, (names[v], t0))
-            else:
-                refused += 1
-                submitted.setdefault(tx.tx_id, (names[v], t0))  # the client's wait starts now
-                retry[v].append(tx)
-        if time.monotonic() > next_poll:
+    lock = threading.Lock()
+    refused = [0]
+    failures: list[BaseException] = []
+    finished: list[float] = []
+    started = time.monotonic() + 0.05
+
+    def offer(v: int) -> None:
+        """Validator v's share: its ticks, each batch from its own thread, so that one slow
+        answer does not hold back the load on the others."""
+        retry: list[_Signed] = []
+        try:
+            for i in range(v, ticks, k):
+                wait = started + i * LATENCY_TICK_S - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                take = retry + [queues[v].popleft() for _ in range(min(sizes[i], len(queues[v])))]
+                retry = []
+                if not take:
+                    continue
+                t0 = time.time()
+                answer = _call(mesh, names[v], "submit_txs", {"txs": [tx.raw for tx in take]})
+                with lock:
+                    for tx, result in zip(take, answer["results"]):
+                        # A refused one is sent again with the next batch; the client's wait
+                        # started with its first submit.
+                        submitted.setdefault(tx.tx_id, (names[v], t0))
+                        if not result.get("accepted"):
+                            refused[0] += 1
+                            retry.append(tx)
+            if retry:
+                _call(mesh, names[v], "submit_txs", {"txs": [tx.raw for tx in retry]})
+            finished.append(time.monotonic())
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=offer, args=(v,), daemon=True) for v in range(k)]
+    for thread in threads:
+        thread.start()
+    next_poll = time.monotonic() + 1.0
+    while any(t.is_alive() for t in threads):
+        time.sleep(0.05)
+        if time.monotonic() >= next_poll:
             # Keep each node's list of recent commits from running past what it keeps.
             next_poll = time.monotonic() + 1.0
             for name in names:
                 commits.poll(name)
-    offered_s = time.monotonic() - started
-    # What was refused at the end is sent once more, then everything is waited for.
-    for v, name in enumerate(names):
-        if retry[v]:
-            _call(mesh, name, "submit_txs", {"txs": [tx.raw for tx in retry[v]]})
+    for thread in threads:
+        thread.join()
+    offered_s = max(finished, default=started) - started
+    if failures:
+        raise BenchError(f"submitting failed: {failures[0]}") from failures[0]
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while time.monotonic() < deadline:
         for name in names:
@@ -391,11 +418,39 @@ def _latency(mesh: LocalMesh, names: list[str], chain_id: str, rate: float,
     latencies = [(commits.at[name][tx_id] - t0) * 1000
                  for tx_id, (name, t0) in submitted.items() if tx_id in commits.at[name]]
     blocks = [n for _, n in commits.blocks[names[0]] if n]
-    return {"offered": total, "committed": len(latencies), "rate": total / max(offered_s, 1e-6),
-            "refused": refused, "latencies_ms": latencies, "blocks": len(blocks)}
+    return {"offered": total, "committed": len(latencies),
+            "rate": len(submitted) / max(offered_s, 1e-6), "refused": refused[0],
+            "latencies_ms": latencies, "blocks": len(blocks)}
 
 
 # --- runs -----------------------------------------------------------------------------------
+
+
+def _wait_drained(mesh: LocalMesh, names: list[str], timeout: float) -> int:
+    """Wait until no node holds a pending transaction (what the throughput phase left must not
+    queue ahead of the latency phase's); the most any node still holds after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = max(int(_call(mesh, name, "status")["chain"].get("mempool") or 0)
+                   for name in names)
+        if held == 0 or time.monotonic() > deadline:
+            return held
+        time.sleep(0.2)
+
+
+def _cpu(procs: list[psutil.Process]) -> tuple[float, float, float, float]:
+    """CPU seconds so far of the nodes, of this process, of the whole machine; and the time."""
+    nodes = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            nodes += times.user + times.system
+        except psutil.Error:
+            pass
+    me = os.times()
+    machine = psutil.cpu_times()
+    busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+    return nodes, me.user + me.system, busy, time.monotonic()
 
 
 def _one_chain(validators: int, transactions: int, senders: int, batch: int, window: int,
@@ -413,10 +468,21 @@ def _one_chain(validators: int, transactions: int, senders: int, batch: int, win
         _warm_up(mesh, names, chain_id)
         ready_s = time.monotonic() - started
         progress(1)
+        procs = [psutil.Process(rec.pid) for rec in records]
+        before = _cpu(procs)
         put = _throughput(mesh, names, chain_id, transactions, senders, batch, window, timeout,
                           progress)
+        after = _cpu(procs)
+        nodes_s = after[0] - before[0]
+        put["node_cpu_us_per_tx"] = nodes_s / max(1, put["committed"]) * 1e6
+        # Cores kept busy by everything else on the machine meanwhile: what the nodes could
+        # not have, on a machine shared with other work.
+        other_s = (after[2] - before[2]) - nodes_s - (after[1] - before[1])
+        put["other_cores"] = max(0.0, other_s) / max(after[3] - before[3], 1e-6)
+        backlog = _wait_drained(mesh, names, DRAIN_TIMEOUT_S)
         offered = rate if rate is not None else min(LATENCY_RATE, put["tx_per_s"] / 3)
         lat = _latency(mesh, names, chain_id, max(1.0, offered), duration_s)
+        lat["backlog"] = backlog
         progress(1)
         return {"ready_s": ready_s, "throughput": put, "latency": lat}
     finally:
@@ -450,7 +516,10 @@ def _figures(results: list[dict[str, Any]]) -> dict[str, Any]:
         "latency_offered": sum(r["latency"]["offered"] for r in results),
         "latency_committed": sum(r["latency"]["committed"] for r in results),
         "latency_rate": med(r["latency"]["rate"] for r in results),
+        "latency_backlog": max(r["latency"]["backlog"] for r in results),
         "ready_s": med(r["ready_s"] for r in results),
+        "node_cpu_us_per_tx": med(p["node_cpu_us_per_tx"] for p in put),
+        "other_cores": med(p["other_cores"] for p in put),
         "refusals": {k: v for p in put for k, v in p["refusals"].items()},
     }
 
@@ -467,14 +536,15 @@ def run(runs: int = DEFAULT_RUNS, progress: Callable[[int], None] = lambda n: No
         validators: int = VALIDATORS, transactions: int = TRANSACTIONS,
         duration_s: float = LATENCY_S, latency_rate: float | None = None,
         senders: int = SENDERS, batch: int = BATCH, window: int = WINDOW,
-        timeout: float = 180.0) -> dict[str, Any]:
+        timeout: float = THROUGHPUT_TIMEOUT_S) -> dict[str, Any]:
     """Measure a chain of `validators` validators and, as the baseline, one of a single
     validator, `runs` times each; throughputs are medians over runs, latency percentiles are
     over every transaction of every run."""
     if validators < 1:
         raise BenchError(f"a chain needs at least 1 validator, not {validators}")
-    if transactions < 1 or senders < 1:
-        raise BenchError("the load needs at least one transaction and one sender")
+    if transactions < 1 or senders < 1 or batch < 1 or window < 1:
+        raise BenchError("the load needs at least one transaction, sender, batch and window")
+    batch = min(batch, window)
     main: list[dict[str, Any]] = []
     base: list[dict[str, Any]] = []
     for _ in range(runs):
@@ -505,7 +575,11 @@ def run(runs: int = DEFAULT_RUNS, progress: Callable[[int], None] = lambda n: No
         "latency_tx_per_s": round(m["latency_rate"], 1),
         "latency_transactions": m["latency_offered"],
         "latency_committed": m["latency_committed"],
+        "latency_backlog": m["latency_backlog"],
         "ready_s": round(m["ready_s"], 2),
+        "node_cpu_us_per_tx": round(m["node_cpu_us_per_tx"], 1),
+        "cpu_count": psutil.cpu_count() or 0,
+        "other_cores": round(m["other_cores"], 2),
         "baseline_validators": 1,
         "baseline_tx_per_s": round(b["tx_per_s"], 1),
         "baseline_committed": b["committed"],
@@ -513,9 +587,11 @@ def run(runs: int = DEFAULT_RUNS, progress: Callable[[int], None] = lambda n: No
         "baseline_commit_ms_p50": _round(b["commit_ms_p50"], 2),
         "baseline_commit_ms_p99": _round(b["commit_ms_p99"], 2),
         "baseline_latency_committed": b["latency_committed"],
+        "baseline_node_cpu_us_per_tx": round(b["node_cpu_us_per_tx"], 1),
         "tx_per_s_ratio": _ratio(m["tx_per_s"], b["tx_per_s"]),
         "commit_p50_ratio": _ratio(m["commit_ms_p50"], b["commit_ms_p50"]),
         "commit_p99_ratio": _ratio(m["commit_ms_p99"], b["commit_ms_p99"]),
+        "node_cpu_ratio": _ratio(m["node_cpu_us_per_tx"], b["node_cpu_us_per_tx"]),
         "floor_tx_per_s": FLOORS["tx_per_s"],
         "floor_commit_ms_p50": FLOORS["commit_ms_p50"],
         "floors_ok": (None if not floors_apply else
@@ -535,7 +611,8 @@ def report(figures: dict[str, Any]) -> list[str]:
     floors = figures["floors_ok"]
     verdict = ("not checked (they apply at " f"{FLOOR_VALIDATORS} validators)" if floors is None
                else "met" if floors else "NOT met")
-    return [
+    backlog = figures.get("latency_backlog") or 0
+    lines = [
         f"chain                 {figures['validators']} validators, ready in "
         f"{figures['ready_s']:.1f} s; {figures['runs']} run(s)",
         f"throughput            {num(figures['tx_per_s'])} tx/s  ({figures['committed']} of "
@@ -550,6 +627,19 @@ def report(figures: dict[str, Any]) -> list[str]:
         f"commit latency p99    {num(figures['commit_ms_p99'])} ms",
         f"  1 validator         {num(figures['baseline_commit_ms_p99'])} ms    -> ratio "
         f"{ratio(figures['commit_p99_ratio'])}",
+        f"node CPU per tx       {num(figures['node_cpu_us_per_tx'])} us    (all nodes together, "
+        f"throughput phase; {figures['cpu_count']} cores, {figures['other_cores']:.2f} of them "
+        "busy with other work)",
+        f"  1 validator         {num(figures['baseline_node_cpu_us_per_tx'])} us    -> ratio "
+        f"{ratio(figures['node_cpu_ratio'])}",
         f"floors                >= {figures['floor_tx_per_s']:g} tx/s, p50 <= "
         f"{figures['floor_commit_ms_p50']:g} ms: {verdict}",
     ]
+    if figures["committed"] < figures["transactions"]:
+        lines.append(f"NOT all committed: {figures['transactions'] - figures['committed']} of the "
+                     "throughput phase's transactions were still pending when it timed out")
+    if figures["latency_committed"] < figures["latency_transactions"] or backlog:
+        lines.append(f"latency phase: {figures['latency_committed']} of "
+                     f"{figures['latency_transactions']} committed; {backlog} transactions of "
+                     "the throughput phase were still pending when it began")
+    return lines
