@@ -24,13 +24,14 @@ from typing import Any, Protocol
 from hmnode import schema
 from hmnode.consensus.chain import Chain, ChainError, Head
 from hmnode.consensus.mempool import Mempool, MempoolLimits, TxRefused
-from hmnode.consensus.messages import (MAX_BLOCK_BYTES, Block, CommitCertificate,
+from hmnode.consensus.messages import (MAX_BLOCK_BYTES, PRECOMMIT, Block, CommitCertificate,
                                        Equivocation, MessageRejected, Proposal, Transaction,
                                        Vote)
 from hmnode.consensus.tendermint import Message, SignerState, Tendermint, Timeouts
 from hmnode.consensus.validators import ValidatorSet
 from hmnode.env import Env, Timer, Txn
 from hmnode.identity import NodeId, NodeKey
+from hmnode.transport.wire import MAX_FRAME_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,21 @@ EVIDENCE_KEPT = 10_000
 class ChainConfig:
     """How a node runs the chain."""
 
-    timeouts: Timeouts = Timeouts()
+    timeouts: Timeouts = Timeouts(propose_s=2.0)
     # An empty block this long after the last block when no transaction comes (None: never).
     empty_block_s: float | None = 60.0
-    max_block_txs: int = 2_000
-    tx_flush_s: float = 0.002  # outgoing transactions are batched this long
+    # Smaller blocks than the format allows: a proposal must reach every validator and be
+    # checked well within the propose timeout, also on a busy machine.
+    max_block_txs: int = 500
+    tx_flush_s: float = 0.005  # outgoing transactions are batched this long
     sync_poll_s: float = 2.0  # how often a node asks a validator whether it is behind
     sync_max_blocks: int = 64
-    sync_max_bytes: int = 2 * MAX_BLOCK_BYTES
+    # One answer must fit in one transport frame (the first block always goes, and a block
+    # is at most MAX_BLOCK_BYTES).
+    sync_max_bytes: int = MAX_FRAME_BYTES - (128 << 10)
+    # A message for the next height starts a block sync only if we are still behind this long
+    # later (we are usually about to commit that block ourselves).
+    behind_grace_s: float = 0.5
     buffered_future: int = 1_024  # messages for the next height held until we get there
     mempool: MempoolLimits = MempoolLimits()
 
@@ -84,6 +92,7 @@ class ChainNode:
         self._outgoing_txs: list[bytes] = []
         self._timers: dict[str, Timer] = {}
         self._height_since = 0.0
+        self._ahead_since: float | None = None  # when a message for the next height came
         self._woken_at: float | None = None
         self._last_sync_ask = float("-inf")
         self._last_served: dict[NodeId, float] = {}
@@ -116,11 +125,27 @@ class ChainNode:
 
     def submit(self, tx: Transaction) -> bool:
         """A transaction from a local client; False if already pending, TxRefused if refused."""
-        if not self.mempool.add(tx, self.env.clock.now()):
-            return False
-        self._queue_tx(tx)
+        taken = self.submit_many([tx])[0]
+        if isinstance(taken, TxRefused):
+            raise taken
+        return taken
+
+    def submit_many(self, txs: list[Transaction]) -> list[bool | TxRefused]:
+        """Transactions from local clients, each taken (True), already pending (False) or
+        refused (its TxRefused); the proposer hears of them once, after all are in."""
+        now = self.env.clock.now()
+        out: list[bool | TxRefused] = []
+        for tx in txs:
+            try:
+                fresh = self.mempool.add(tx, now)
+            except TxRefused as exc:
+                out.append(exc)
+                continue
+            if fresh:
+                self._queue_tx(tx)
+            out.append(fresh)
         self._maybe_wake()
-        return True
+        return out
 
     def receive(self, src: NodeId, topic: str, body: Any) -> None:
         """A message from a peer (already authenticated as `src` by the transport)."""
@@ -156,11 +181,17 @@ class ChainNode:
                 continue  # the others in the batch stand on their own signatures
             height = self.head.height + 1
             if msg.height < height:
-                self._help_behind(src, msg.height)
+                # A peer still voting at a height we committed. Not for a late precommit: that
+                # is usually the last vote of a peer that committed too.
+                if not (isinstance(msg, Vote) and msg.kind == PRECOMMIT):
+                    self._help_behind(src, msg.height)
             elif msg.height > height:
                 if msg.height == height + 1:
                     self._future.append((src, msg))
-                self._ask_sync(src, now)
+                    if self._ahead_since is None:
+                        self._ahead_since = now
+                if msg.height > height + 1 or now - self._ahead_since > self.config.behind_grace_s:
+                    self._ask_sync(src, now)
             elif self.engine is not None:
                 why = self.engine.receive(msg, now)
                 if why is not None:
@@ -197,6 +228,7 @@ class ChainNode:
         height = head.height + 1
         self._height_since = now
         self._woken_at = None
+        self._ahead_since = None
         validators = self.chain.validators_at(height)
         if self.me.key not in validators:
             self.engine = None

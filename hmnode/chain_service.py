@@ -175,15 +175,27 @@ class ChainService:
     def submit(self, raw_txs: list[bytes]) -> list[dict[str, Any]]:
         """Signed transactions from a client: each one's id and whether it was taken."""
         node = self._ready()
-        out = []
+        out: list[dict[str, Any] | None] = []
+        txs: list[Transaction] = []
         for raw in raw_txs:
             try:
-                tx = Transaction.decode(raw)
-                fresh = node.submit(tx)
-                out.append({"tx_id": tx.tx_id.hex(), "accepted": True, "duplicate": not fresh})
-            except (MessageRejected, TxRefused) as exc:
+                txs.append(Transaction.decode(raw))
+                out.append(None)
+            except MessageRejected as exc:
                 out.append({"tx_id": None, "accepted": False, "error": str(exc)})
-        return out
+        taken = iter(zip(txs, node.submit_many(txs)))
+        answers = []
+        for slot in out:
+            if slot is not None:
+                answers.append(slot)
+                continue
+            tx, verdict = next(taken)
+            if isinstance(verdict, TxRefused):
+                answers.append({"tx_id": tx.tx_id.hex(), "accepted": False, "error": str(verdict)})
+            else:
+                answers.append({"tx_id": tx.tx_id.hex(), "accepted": True,
+                                "duplicate": not verdict})
+        return answers
 
     def sign_and_submit(self, kind: str, body: Any) -> Transaction:
         """A transaction signed by this node's key with its next free nonce."""

@@ -21,6 +21,7 @@ from hmnode.env import Env
 from hmnode.identity import NodeId, NodeKey
 from hmnode.simnet.sim.clock import NodeClock, VirtualClock
 from hmnode.simnet.sim.store import SimStore
+from hmnode.transport.wire import Notify, encode_message
 
 
 def _keys(n: int, seed: int = 1) -> list[NodeKey]:
@@ -60,6 +61,7 @@ class _Cluster:
 
         class Net:
             def send(self, dst: NodeId, addr: str | None, topic: str, body: dict) -> None:
+                encode_message(Notify(topic, body))  # what the wire refuses fails the test
                 cluster._check_persisted(i, topic, body)
                 cluster.queue.append((me, dst, topic, body))
 
@@ -134,6 +136,25 @@ def test_a_validator_that_was_away_catches_up_by_block_sync() -> None:
     c.deliver(lambda: c.nodes[3].head.height == c.nodes[0].head.height)
     assert c.nodes[3].head.state_root == c.nodes[0].head.state_root
     assert c.nodes[3].counters.get("blocks_synced", 0) >= 1
+
+
+def test_block_sync_of_full_blocks_fits_the_wire() -> None:
+    # Blocks near the size limit: a sync answer must still fit one transport frame.
+    c = _Cluster(4)
+    away = c.keys[3].node_id
+    clients = _keys(8, seed=11)
+    nonce = 0
+    for height in range(1, 5):
+        nonce += 1
+        for client in clients:
+            for j in range(40):
+                c.nodes[0].submit(sign_tx(client, "t", (nonce - 1) * 40 + j + 1, "kv.put",
+                                          {"key": f"k{j}", "value": bytes(2000)}))
+        c.deliver(lambda: c.nodes[0].head.height >= height and not c.nodes[0].mempool.ready(),
+                  drop=lambda a, b: away in (a, b))
+    assert c.nodes[3].head.height == 0 and c.nodes[0].head.height >= 4
+    c.deliver(lambda: c.nodes[3].head.height == c.nodes[0].head.height)
+    assert c.nodes[3].head.state_root == c.nodes[0].head.state_root
 
 
 def test_forged_votes_and_transactions_are_refused_and_blamed() -> None:

@@ -19,7 +19,8 @@ Checkers:
   the same head, and every client transaction commits (clients send to validators and
   followers alike, and re-send what a crashed node's mempool lost);
 - no_honest_equivocation: no evidence ever names an honest validator;
-- no_crash: no core raised (invariant checks included) on any input.
+- no_crash: no core raised (invariant checks included) on any input, and no node sent a
+  message the wire refuses.
 """
 
 from __future__ import annotations
@@ -467,6 +468,10 @@ class ConsensusSim:
                     self.problem("no_honest_equivocation",
                                  f"{v.name} holds evidence against honest "
                                  f"{self.by_id[NodeId(ev.first.validator)].name}")
+        refused = self.net.counters.get("refused", 0)
+        if refused:
+            self.problem("no_crash", f"nodes sent {refused} messages the wire refuses "
+                                     "(too large or malformed)")
         for name in CHECKERS:
             verdicts[name] = self.problems.get(name, True)
         ok = all(v is True for v in verdicts.values())
