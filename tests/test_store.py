@@ -214,6 +214,19 @@ RECORDS = {
     "runs": (seq_keys, agent_runs),
     "events": (seq_keys, node_events),
     "inventory": (st.just(schema.INVENTORY_LATEST) | meta_keys, inventories),
+    # The chain's tables hold msgpack values (encoded blocks, certificates, lists, counters).
+    "chain": (meta_keys, msgpack_scalars | st.lists(msgpack_scalars, max_size=4)),
+    "blocks": (seq_keys, st.binary(max_size=200)),
+    "certificates": (seq_keys, st.binary(max_size=200)),
+    "tx_results": (st.binary(min_size=32, max_size=32),
+                   st.tuples(seq_keys, counts, st.none() | texts).map(list)),
+    "nonces": (st.binary(min_size=32, max_size=32), counts),
+    "validator_sets": (seq_keys, st.lists(st.tuples(st.binary(min_size=32, max_size=32),
+                                                     counts).map(list), max_size=4)),
+    "signer": (meta_keys, st.lists(msgpack_scalars, max_size=10)),
+    "evidence": (st.binary(min_size=32, max_size=32), st.binary(max_size=200)),
+    "kv": (st.binary(min_size=1, max_size=64), st.binary(max_size=200)),
+    "kv_power": (st.binary(min_size=32, max_size=32), counts),
 }
 
 
