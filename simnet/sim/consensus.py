@@ -48,7 +48,7 @@ from hmnode.env import Env
 from hmnode.identity import NodeId, NodeKey
 
 from .clock import NodeClock, VirtualClock
-from .gossip import CALM, FaultPlan, Result
+from .gossip import CALM, FaultPlan, Result, schedule_faults
 from .network import SimNetwork
 from .store import SimStore
 
@@ -380,41 +380,10 @@ class ConsensusSim:
             v._guard(lambda: v.node.submit(tx))
 
     def _schedule_faults(self) -> None:
-        p, clock, net = self.plan, self.clock, self.net
-        faulty = replace(CALM, loss=p.loss, duplicate=p.duplicate, corrupt=p.corrupt,
-                         latency_extra_s=p.latency_extra_s)
-        clock.call_at(self.start_at + 2.0, lambda: setattr(net, "params", faulty))
-        clock.call_at(self.heal_at, lambda: setattr(net, "params", CALM))
-        ids = [self.honest[i].id for i in p.partition_nodes]
-        if p.partition != "none" and ids:
-            rest = [v.id for v in self.validators if v.id not in ids]
-
-            def cut() -> None:
-                if p.partition == "isolate":
-                    net.isolate(ids[0])
-                elif p.partition == "split":
-                    net.split([ids, rest])
-                elif p.partition == "bridge":
-                    net.split([ids[1:] or ids, [i for i in rest if i != ids[0]]])
-                    net.bridge(ids[0])
-                else:
-                    for a in rest:
-                        for b in ids:
-                            net.block(a, b)
-            clock.call_at(p.partition_at, cut)
-            clock.call_at(p.partition_at + p.partition_s, net.heal)
-        if p.crash_node is not None:
-            v = self.honest[p.crash_node]
-            clock.call_at(p.crash_at, lambda: v.up and v.crash())
-            clock.call_at(p.crash_at + p.down_s, lambda: v.up or v.boot())
-        if p.pause_node is not None:
-            clock.call_at(p.pause_at, lambda: net.pause(self.honest[p.pause_node].id, p.pause_s))
-        if p.slow_node is not None:
-            slow = self.honest[p.slow_node].id
-            clock.call_at(self.start_at + 2.0, lambda: net.limit_uplink(slow, p.slow_bytes_per_s))
-            clock.call_at(self.heal_at, lambda: net.limit_uplink(slow, None))
-        clock.call_at(self.heal_at, net.heal)
-        clock.call_at(self.heal_at, self._note_heal)
+        schedule_faults(self.plan, self.clock, self.net, self.honest,
+                        [v.id for v in self.validators], self.start_at + 2.0, self.heal_at,
+                        restart=lambda v: v.boot())
+        self.clock.call_at(self.heal_at, self._note_heal)
 
     def _note_heal(self) -> None:
         for v in self.honest:

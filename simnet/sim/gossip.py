@@ -201,6 +201,54 @@ class FaultPlan:
         return out
 
 
+def schedule_faults(plan: FaultPlan, clock: VirtualClock, net: SimNetwork, targets: list[Any],
+                    everyone: list[Hashable], start: float, heal_at: float,
+                    restart: Callable[[Any], None]) -> None:
+    """Put `plan` on the clock: node i of the plan is `targets[i]` (with `id`, `up` and
+    `crash()`), `restart(node)` brings a crashed one back, and the faulty phase runs from
+    `start` to `heal_at`, when the network is calm and whole again."""
+    p = plan
+    faulty = dataclasses.replace(CALM, loss=p.loss, duplicate=p.duplicate, corrupt=p.corrupt,
+                                 latency_extra_s=p.latency_extra_s)
+
+    def set_params(params: NetParams) -> Callable[[], None]:
+        return lambda: setattr(net, "params", params)
+
+    clock.call_at(start, set_params(faulty))
+    clock.call_at(heal_at, set_params(CALM))
+    ids = [targets[i].id for i in p.partition_nodes]
+    if p.partition != "none" and ids:
+        rest = [n for n in everyone if n not in ids]
+
+        def cut() -> None:
+            if p.partition == "isolate":
+                net.isolate(ids[0])
+            elif p.partition == "split":
+                net.split([ids, rest])
+            elif p.partition == "bridge":
+                # The first chosen node sees both halves.
+                net.split([ids[1:] or ids, [i for i in rest if i != ids[0]]])
+                net.bridge(ids[0])
+            else:  # asym: the chosen nodes can send to the rest but hear nothing back
+                for a in rest:
+                    for b in ids:
+                        net.block(a, b)
+        clock.call_at(p.partition_at, cut)
+        clock.call_at(p.partition_at + p.partition_s, net.heal)
+    if p.crash_node is not None:
+        node = targets[p.crash_node]
+        clock.call_at(p.crash_at, lambda: node.up and node.crash())
+        clock.call_at(p.crash_at + p.down_s, lambda: node.up or restart(node))
+    if p.pause_node is not None:
+        paused = targets[p.pause_node].id
+        clock.call_at(p.pause_at, lambda: net.pause(paused, p.pause_s))
+    if p.slow_node is not None:
+        slow = targets[p.slow_node].id
+        clock.call_at(start, lambda: net.limit_uplink(slow, p.slow_bytes_per_s))
+        clock.call_at(heal_at, lambda: net.limit_uplink(slow, None))
+    clock.call_at(heal_at, net.heal)
+
+
 @dataclass(frozen=True)
 class Result:
     """The outcome of one run: `verdicts` maps each checker to True or what went wrong."""
@@ -551,47 +599,11 @@ class GossipSim:
     # --- faults -----------------------------------------------------------------------------
 
     def _schedule_faults(self) -> None:
-        p, clock, net = self.plan, self.clock, self.net
-        faulty = dataclasses.replace(CALM, loss=p.loss, duplicate=p.duplicate, corrupt=p.corrupt,
-                                     latency_extra_s=p.latency_extra_s)
-
-        def set_params(params: NetParams) -> Callable[[], None]:
-            return lambda: setattr(net, "params", params)
-
-        clock.call_at(self.join_end, set_params(faulty))
-        clock.call_at(self.heal_at, set_params(CALM))
-        ids = [self.nodes[i].id for i in p.partition_nodes]
-        if p.partition != "none" and ids:
-            # The malicious node sits with the majority: left out of both sides it would be a
-            # bridge nobody chose.
-            rest = [n.id for n in self.nodes if n.id not in ids]
-
-            def cut() -> None:
-                if p.partition == "isolate":
-                    net.isolate(ids[0])
-                elif p.partition == "split":
-                    net.split([ids, rest])
-                elif p.partition == "bridge":
-                    # The first chosen node sees both halves.
-                    net.split([ids[1:] or ids, [i for i in rest if i != ids[0]]])
-                    net.bridge(ids[0])
-                else:  # asym: the chosen nodes can send to the rest but hear nothing back
-                    for a in rest:
-                        for b in ids:
-                            net.block(a, b)
-            clock.call_at(p.partition_at, cut)
-            clock.call_at(p.partition_at + p.partition_s, net.heal)
-        if p.crash_node is not None:
-            node = self.nodes[p.crash_node]
-            clock.call_at(p.crash_at, lambda: node.up and node.crash())
-            clock.call_at(p.crash_at + p.down_s, lambda: node.up or node.restart())
-        if p.pause_node is not None:
-            clock.call_at(p.pause_at, lambda: self.net.pause(self.nodes[p.pause_node].id, p.pause_s))
-        if p.slow_node is not None:
-            slow = self.nodes[p.slow_node].id
-            clock.call_at(self.join_end, lambda: net.limit_uplink(slow, p.slow_bytes_per_s))
-            clock.call_at(self.heal_at, lambda: net.limit_uplink(slow, None))
-        clock.call_at(self.heal_at, net.heal)
+        # The malicious node sits with the majority of a partition: left out of both sides it
+        # would be a bridge nobody chose.
+        schedule_faults(self.plan, self.clock, self.net, self.nodes,
+                        [n.id for n in self.nodes], self.join_end, self.heal_at,
+                        restart=lambda node: node.restart())
 
     # --- checks -----------------------------------------------------------------------------
 
