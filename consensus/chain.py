@@ -445,4 +445,5 @@ class Chain:
         raise AssertionError("unreachable")
 
     def evidence_count(self) -> int:
+        """How many equivocations this node has kept evidence of."""
         return self.storage.read(lambda tx: tx.count(schema.EVIDENCE))

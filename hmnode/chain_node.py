@@ -472,7 +472,8 @@ class ChainNode:
             "validators": validators.to_json(), "is_validator": self.me.key in validators,
             "last_commit_ms": None if self.last_commit_ms is None else round(self.last_commit_ms, 1),
             "last_commit_at": self.last_commit_at, "mempool": len(self.mempool),
-            "halted": self.halted, "counters": dict(self.counters),
+            "halted": self.halted, "evidence": self.chain.evidence_count(),
+            "counters": dict(self.counters),
         }
         if self.engine is not None:
             out["consensus"] = self.engine.describe()
