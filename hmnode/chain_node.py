@@ -341,6 +341,8 @@ class ChainNode:
                 if tx.count(schema.EVIDENCE) < EVIDENCE_KEPT:
                     tx.put(schema.EVIDENCE, ev.evidence_id, ev.encode())
         self.env.storage.write(write)
+        if len(self._evidence_seen) > EVIDENCE_KEPT:
+            self._evidence_seen.clear()  # only saves re-writing evidence already stored
         for ev in fresh:
             self._evidence_seen.add(ev.evidence_id)
             self._count("equivocations")
