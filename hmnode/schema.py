@@ -223,9 +223,17 @@ EVIDENCE: Table[bytes, bytes] = Table("evidence", BytesKey, AnyCodec())
 KV: Table[bytes, bytes] = Table("kv", BytesKey, AnyCodec())
 KV_POWER: Table[bytes, int] = Table("kv_power", BytesKey, AnyCodec())
 
+# The ledger (hmnode.ledger): [balance, stake] per account; unbonding stake per account as
+# [[release height, amount], ...]; each job's escrow as [payer, amount]; the running totals.
+LEDGER_ACCOUNTS: Table[bytes, list] = Table("ledger_accounts", BytesKey, AnyCodec())
+LEDGER_UNBONDING: Table[bytes, list] = Table("ledger_unbonding", BytesKey, AnyCodec())
+LEDGER_ESCROW: Table[bytes, list] = Table("ledger_escrow", BytesKey, AnyCodec())
+LEDGER_TOTALS: Table[str, dict] = Table("ledger_totals", TextKey, AnyCodec())
+
 TABLES: tuple[Table, ...] = (META, RUNS, EVENTS, INVENTORY, PEERS, ADVERTS, CHAIN, BLOCKS,
                              CERTIFICATES, TX_RESULTS, NONCES, VALIDATOR_SETS, SIGNER, EVIDENCE,
-                             KV, KV_POWER)
+                             KV, KV_POWER, LEDGER_ACCOUNTS, LEDGER_UNBONDING, LEDGER_ESCROW,
+                             LEDGER_TOTALS)
 
 # Keys of the meta table.
 META_SCHEMA_VERSION = "schema_version"

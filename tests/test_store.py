@@ -227,6 +227,12 @@ RECORDS = {
     "evidence": (st.binary(min_size=32, max_size=32), st.binary(max_size=200)),
     "kv": (st.binary(min_size=1, max_size=64), st.binary(max_size=200)),
     "kv_power": (st.binary(min_size=32, max_size=32), counts),
+    "ledger_accounts": (st.binary(min_size=32, max_size=32), st.tuples(counts, counts).map(list)),
+    "ledger_unbonding": (st.binary(min_size=32, max_size=32),
+                         st.lists(st.tuples(counts, counts).map(list), max_size=3)),
+    "ledger_escrow": (st.binary(min_size=32, max_size=32),
+                      st.tuples(st.binary(min_size=32, max_size=32), counts).map(list)),
+    "ledger_totals": (meta_keys, st.dictionaries(texts, counts, max_size=6)),
 }
 
 
