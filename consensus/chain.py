@@ -109,8 +109,8 @@ class Head:
 class Application(Protocol):
     """The deterministic state machine the chain orders transactions for."""
 
-    def init(self, txn: Txn, app_state: Any) -> None:
-        """Write the genesis state."""
+    def init(self, txn: Txn, genesis: "Genesis") -> None:
+        """Write the genesis state (from `genesis.app_state`, and its validators)."""
 
     def check(self, txn: Txn, tx: Transaction) -> str | None:
         """Why `tx` can never apply (a malformed body, an unknown kind), or None; cheap, for
@@ -119,6 +119,9 @@ class Application(Protocol):
     def deliver(self, txn: Txn, tx: Transaction, height: int, time_ms: int) -> str | None:
         """Apply `tx` (signature and nonce already checked); None, or why it was rejected (a
         rejected transaction changes nothing but its sender's nonce)."""
+
+    def end_block(self, txn: Txn, height: int) -> None:
+        """After the block's transactions: what the application does once per block."""
 
     def validators(self, txn: Txn) -> list[tuple[bytes, int]] | None:
         """The validator set the application wants from the next epoch, or None to keep it."""
@@ -195,14 +198,17 @@ class Chain:
 
         def write(tx: Txn) -> None:
             rec = RecordingTxn(tx)
-            self.app.init(rec, genesis.app_state)
+            self.app.init(rec, genesis)
             root = hashlib.sha256(b"genesis" + genesis.genesis_id + rec.writes.digest()).digest()
             tx.put(schema.CHAIN, schema.CHAIN_GENESIS, genesis.to_wire())
             tx.put(schema.CHAIN, schema.CHAIN_HEAD,
                    [0, genesis.genesis_id, root, genesis.time_ms])
             tx.put(schema.VALIDATOR_SETS, 0, [[k, p] for k, p in genesis.validators.members])
 
-        self.storage.write(write)
+        try:
+            self.storage.write(write)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise GenesisError(f"the genesis cannot start this chain: {exc}") from None
         self.storage.sync()
         self.genesis = genesis
         self._head = None
@@ -406,6 +412,7 @@ class Chain:
         rec.put(schema.TX_RESULTS, t.tx_id, [height, index, why])
 
     def _end_block(self, rec: RecordingTxn, height: int) -> None:
+        self.app.end_block(rec, height)
         epoch_blocks = self.require_genesis().epoch_blocks
         if height % epoch_blocks:
             return

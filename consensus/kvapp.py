@@ -25,8 +25,9 @@ KINDS = ("kv.put", "kv.delete", "kv.power")
 class KeyValueApp:
     """Keys to values in the `kv` table; validator power requests in `kv_power`."""
 
-    def init(self, txn: Txn, app_state: Any) -> None:
-        """Genesis values: {"kv": {key: value}} (optional)."""
+    def init(self, txn: Txn, genesis: Any) -> None:
+        """Genesis values: app_state {"kv": {key: value}} (optional)."""
+        app_state = genesis.app_state
         values = (app_state or {}).get("kv", {}) if isinstance(app_state, dict) else {}
         for key, value in sorted(values.items()):
             txn.put(schema.KV, str(key).encode(), value if isinstance(value, bytes)
@@ -63,6 +64,9 @@ class KeyValueApp:
             txn.delete(schema.KV, body["key"].encode())
         else:
             txn.put(schema.KV_POWER, tx.sender, body["power"])
+        return None
+
+    def end_block(self, txn: Txn, height: int) -> None:
         return None
 
     def validators(self, txn: Txn) -> list[tuple[bytes, int]] | None:

@@ -26,7 +26,7 @@ from hmnode.consensus.chain import Chain, ChainError, Head
 from hmnode.consensus.mempool import Mempool, MempoolLimits, TxRefused
 from hmnode.consensus.messages import (MAX_BLOCK_BYTES, PRECOMMIT, Block, CommitCertificate,
                                        Equivocation, MessageRejected, Proposal, Transaction,
-                                       Vote)
+                                       Vote, sign_tx)
 from hmnode.consensus.tendermint import Message, SignerState, Tendermint, Timeouts
 from hmnode.consensus.validators import ValidatorSet
 from hmnode.env import Env, Timer, Txn
@@ -97,6 +97,7 @@ class ChainNode:
         self._last_sync_ask = float("-inf")
         self._last_served: dict[NodeId, float] = {}
         self._evidence_seen: set[bytes] = set()
+        self._reported: set[bytes] = set()  # offenders this node asked the chain to punish
         self._running = False
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -129,6 +130,15 @@ class ChainNode:
         if isinstance(taken, TxRefused):
             raise taken
         return taken
+
+    def sign_and_submit(self, kind: str, body: Any) -> Transaction:
+        """A transaction of this node's own, with its next free nonce; TxRefused if refused."""
+        nonce = self.chain.next_nonce(self.me.key)
+        while self.mempool.pending_nonce(self.me.key, nonce):
+            nonce += 1
+        tx = sign_tx(self.key, self.chain.chain_id, nonce, kind, body)
+        self.submit(tx)
+        return tx
 
     def submit_many(self, txs: list[Transaction]) -> list[bool | TxRefused]:
         """Transactions from local clients, each taken (True), already pending (False) or
@@ -331,6 +341,19 @@ class ChainNode:
                 if key != self.me.key:
                     self.env.net.send(NodeId(key), None, "chain.consensus", body)
 
+    def _report(self, evidence: Equivocation) -> None:
+        """Ask the chain to punish an equivocation (once per offender: the first proof is
+        enough to jail it, and more would only flood the mempool)."""
+        offender = evidence.first.validator
+        if offender in self._reported or not self.is_validator():
+            return
+        self._reported.add(offender)
+        try:
+            self.sign_and_submit("stake.slash", {"evidence": evidence.encode()})
+            self._count("equivocations_reported")
+        except TxRefused as exc:
+            log.warning("cannot report an equivocation: %s", exc)
+
     def _keep_evidence(self, evidence: list[Equivocation]) -> None:
         fresh = [e for e in evidence if e.evidence_id not in self._evidence_seen]
         if not fresh:
@@ -346,6 +369,7 @@ class ChainNode:
         for ev in fresh:
             self._evidence_seen.add(ev.evidence_id)
             self._count("equivocations")
+            self._report(ev)
             log.warning("validator %s equivocated at height %d round %d",
                         NodeId(ev.first.validator).short(), ev.first.height, ev.first.round,
                         extra={"event": "equivocation", "validator": str(NodeId(ev.first.validator)),

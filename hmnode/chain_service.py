@@ -22,15 +22,14 @@ from hmnode import schema
 from hmnode.chain_node import ChainConfig, ChainNode, TOPICS
 from hmnode.config import PeerAddress
 from hmnode.consensus.chain import Chain, ChainError, Genesis, GenesisError, Head
-from hmnode.consensus.kvapp import KeyValueApp
 from hmnode.consensus.mempool import TxRefused
-from hmnode.consensus.messages import (Block, CommitCertificate, MessageRejected, Transaction,
-                                       sign_tx)
+from hmnode.consensus.messages import Block, CommitCertificate, MessageRejected, Transaction
 from hmnode.consensus.validators import ValidatorSet
 from hmnode.env import Env, RealClock
 from hmnode.errors import HmnodeError
 from hmnode.identity import NodeId, NodeKey
 from hmnode.mesh import Mesh
+from hmnode.state_machine import MeshStateMachine
 from hmnode.store import Store
 from hmnode.transport.connection import PeerConnection, RemoteError, TransportError
 from hmnode.transport.endpoint import Endpoint
@@ -40,6 +39,8 @@ log = logging.getLogger(__name__)
 GENESIS_ASK_TIMEOUT_S = 5.0
 GENESIS_RETRY_S = 2.0
 MAX_WAITERS = 10_000
+# A lone node's chain, and `hmnode simnet up`'s, is a local mesh: it has a faucet.
+LOCAL_APP_STATE = {"faucet_max": 1_000_000}
 COMMITS_KEPT = 4_096
 
 
@@ -85,7 +86,7 @@ class ChainService:
 
     async def run(self) -> None:
         """Find the genesis, start the chain, and serve until cancelled."""
-        chain = Chain(self.store, KeyValueApp())
+        chain = Chain(self.store, MeshStateMachine())
         if chain.genesis is None or self.genesis_path is not None:
             # A genesis file for a store that holds another chain is refused by init_genesis.
             chain.init_genesis(await self._genesis())
@@ -108,7 +109,7 @@ class ChainService:
         if not self.bootstrap:
             me = self.key.node_id
             return Genesis(f"hmnode-{me.short()}", int(time.time() * 1000),
-                           ValidatorSet.of([(me.key, 1)]))
+                           ValidatorSet.of([(me.key, 1)]), app_state=LOCAL_APP_STATE)
         failures = 0
         while True:
             for peer in self.bootstrap:
@@ -199,13 +200,7 @@ class ChainService:
 
     def sign_and_submit(self, kind: str, body: Any) -> Transaction:
         """A transaction signed by this node's key with its next free nonce."""
-        node = self._ready()
-        nonce = node.chain.next_nonce(self.key.node_id.key)
-        while node.mempool.pending_nonce(self.key.node_id.key, nonce):
-            nonce += 1
-        tx = sign_tx(self.key, node.chain.chain_id, nonce, kind, body)
-        node.submit(tx)
-        return tx
+        return self._ready().sign_and_submit(kind, body)
 
     async def wait_committed(self, tx_id: bytes, timeout: float) -> int:
         """The height that committed `tx_id`; TimeoutError when it takes longer."""

@@ -229,11 +229,15 @@ LEDGER_ACCOUNTS: Table[bytes, list] = Table("ledger_accounts", BytesKey, AnyCode
 LEDGER_UNBONDING: Table[bytes, list] = Table("ledger_unbonding", BytesKey, AnyCodec())
 LEDGER_ESCROW: Table[bytes, list] = Table("ledger_escrow", BytesKey, AnyCodec())
 LEDGER_TOTALS: Table[str, dict] = Table("ledger_totals", TextKey, AnyCodec())
+# The state machine (hmnode.state_machine): its rules and who is jailed; the equivocations
+# already punished (evidence id -> height).
+STATE: Table[str, Any] = Table("state", TextKey, AnyCodec())
+SLASHED: Table[bytes, int] = Table("slashed", BytesKey, AnyCodec())
 
 TABLES: tuple[Table, ...] = (META, RUNS, EVENTS, INVENTORY, PEERS, ADVERTS, CHAIN, BLOCKS,
                              CERTIFICATES, TX_RESULTS, NONCES, VALIDATOR_SETS, SIGNER, EVIDENCE,
                              KV, KV_POWER, LEDGER_ACCOUNTS, LEDGER_UNBONDING, LEDGER_ESCROW,
-                             LEDGER_TOTALS)
+                             LEDGER_TOTALS, STATE, SLASHED)
 
 # Keys of the meta table.
 META_SCHEMA_VERSION = "schema_version"

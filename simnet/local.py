@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 
 from hmnode import control
-from hmnode.chain_service import write_genesis
+from hmnode.chain_service import LOCAL_APP_STATE, write_genesis
 from hmnode.consensus.chain import Genesis
 from hmnode.consensus.validators import ValidatorSet
 from hmnode.identity import load_or_create_key
@@ -385,7 +385,7 @@ class LocalMesh:
             keys.append(key.node_id.key)
         write_genesis(self.genesis_file, Genesis(
             f"simnet-{int(time.time())}", int(time.time() * 1000),
-            ValidatorSet.of((k, 1) for k in keys)))
+            ValidatorSet.of((k, 1) for k in keys), app_state=LOCAL_APP_STATE))
 
     def _provisional(self, name: str, proc: subprocess.Popen, host: str, port: int) -> NodeRecord:
         """A record of a node that is not ready yet, so that `down` can stop it meanwhile."""

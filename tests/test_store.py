@@ -233,6 +233,8 @@ RECORDS = {
     "ledger_escrow": (st.binary(min_size=32, max_size=32),
                       st.tuples(st.binary(min_size=32, max_size=32), counts).map(list)),
     "ledger_totals": (meta_keys, st.dictionaries(texts, counts, max_size=6)),
+    "state": (meta_keys, msgpack_scalars | st.lists(msgpack_scalars, max_size=4)),
+    "slashed": (st.binary(min_size=32, max_size=32), counts),
 }
 
 

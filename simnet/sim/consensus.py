@@ -18,6 +18,8 @@ Checkers:
 - liveness: after the heal, every honest validator and follower commits new blocks and reaches
   the same head, and every client transaction commits (clients send to validators and
   followers alike, and re-send what a crashed node's mempool lost);
+- conservation: every honest node's ledger adds up (balances + stake + unbonding + escrow =
+  minted - burned), row by row;
 - no_honest_equivocation: no evidence ever names an honest validator;
 - no_crash: no core raised (invariant checks included) on any input, and no node sent a
   message the wire refuses.
@@ -37,7 +39,6 @@ import nacl.signing
 from hmnode import schema
 from hmnode.chain_node import ChainConfig, ChainNode
 from hmnode.consensus.chain import Chain, ChainError, Genesis, Head
-from hmnode.consensus.kvapp import KeyValueApp
 from hmnode.consensus.mempool import TxRefused
 from hmnode.consensus.messages import (NIL, Block, CommitCertificate, Equivocation,
                                        MessageRejected, Proposal, Transaction, Vote, sign_proposal,
@@ -46,13 +47,16 @@ from hmnode.consensus.tendermint import Timeouts
 from hmnode.consensus.validators import ValidatorSet
 from hmnode.env import Env
 from hmnode.identity import NodeId, NodeKey
+from hmnode.ledger import Ledger, LedgerBroken
+from hmnode.state_machine import MeshStateMachine
 
 from .clock import NodeClock, VirtualClock
 from .gossip import CALM, FaultPlan, Result, schedule_faults
 from .network import SimNetwork
 from .store import SimStore
 
-CHECKERS = ("agreement", "validity", "durability", "liveness", "no_honest_equivocation",
+CHECKERS = ("agreement", "validity", "durability", "liveness", "conservation",
+            "no_honest_equivocation",
             "no_crash")
 SCENARIOS = ("consensus", "consensus-byzantine")
 CHAIN_ID = "sim"
@@ -105,7 +109,7 @@ class _SimNode:
         self.up = True
         clock = NodeClock(sim.clock, self.clock_offset, self.clock_drift, self._wrap)
         env = Env(clock, sim.rng, self, self.disk)
-        chain = Chain(self.disk, KeyValueApp())
+        chain = Chain(self.disk, MeshStateMachine())
         chain.init_genesis(sim.genesis)
         if chain.head().height < self.reported_height:
             sim.problem("durability", f"{self.name} restarted at height {chain.head().height} "
@@ -206,8 +210,9 @@ class ConsensusSim:
             for j in range(settings.followers)]
         self.by_id = {v.id: v for v in self.validators + self.followers}
         self.genesis = Genesis(CHAIN_ID, 1_700_000_000_000,
-                               ValidatorSet.of((k.node_id.key, 10) for k in keys),
-                               settings.epoch_blocks)
+                               ValidatorSet.of((k.node_id.key, 100) for k in keys),
+                               settings.epoch_blocks,
+                               {"balances": {str(keys[0].node_id): 1_000}})
         self.config = ChainConfig(timeouts=settings.timeouts, empty_block_s=5.0,
                                   sync_poll_s=1.0)
         self.clients = [NodeKey(nacl.signing.SigningKey(self.rng.randbytes(32)))
@@ -373,11 +378,11 @@ class ConsensusSim:
         self.clock.call_later(RESUBMIT_S, self._resubmit)
 
     def _change_power(self) -> None:
-        """The first honest validator doubles its own power; it counts from the next epoch."""
+        """The first honest validator doubles its stake; its power follows from the next
+        epoch."""
         v = self.honest[0]
-        tx = sign_tx(v.key, CHAIN_ID, 1, "kv.power", {"power": 20})
         if v.up:
-            v._guard(lambda: v.node.submit(tx))
+            v._guard(lambda: v.node.sign_and_submit("stake.bond", {"amount": 100}))
 
     def _schedule_faults(self) -> None:
         schedule_faults(self.plan, self.clock, self.net, self.honest,
@@ -437,6 +442,14 @@ class ConsensusSim:
                     self.problem("no_honest_equivocation",
                                  f"{v.name} holds evidence against honest "
                                  f"{self.by_id[NodeId(ev.first.validator)].name}")
+        for v in live:
+            try:
+                totals = v.disk.read(lambda tx: Ledger(tx).audit())
+            except LedgerBroken as exc:
+                self.problem("conservation", f"{v.name}: {exc}")
+                continue
+            if totals.held() != totals.minted - totals.burned:
+                self.problem("conservation", f"{v.name}: {totals}")
         refused = self.net.counters.get("refused", 0)
         if refused:
             self.problem("no_crash", f"nodes sent {refused} messages the wire refuses "

@@ -1,0 +1,163 @@
+"""The mesh's replicated state machine: what the validators agree on, applied block by block.
+
+So far: the ledger (credits moved, bonded as stake, unbonded after a delay, slashed for
+equivocation) and the validator set drawn from stake; the key-value test transactions are kept
+for tests and demonstrations. Every transaction is checked in full before it writes, so one
+that is refused changes nothing but its sender's nonce, and its reason is recorded.
+
+Transactions (kind: body):
+- `ledger.transfer`: {"to": 32-byte account, "amount": credits}
+- `ledger.faucet`: {"amount": credits}, only where the genesis enables a faucet (a local mesh)
+- `stake.bond` / `stake.unbond`: {"amount": credits}; unbonded stake is paid back after
+  `unbonding_blocks` and stays slashable until then
+- `stake.slash`: {"evidence": an encoded Equivocation}: burns a share of the offender's stake
+  and removes it from the validator set from the next epoch
+- `kv.put` / `kv.delete`: as in `hmnode.consensus.kvapp`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hmnode import schema
+from hmnode.consensus.chain import Genesis
+from hmnode.consensus.kvapp import KeyValueApp
+from hmnode.consensus.messages import (ID_BYTES, Equivocation, MessageRejected, Transaction,
+                                       check_equivocation)
+from hmnode.env import Txn
+from hmnode.identity import NodeId
+from hmnode.ledger import Ledger, LedgerParams, LedgerRefused, MAX_AMOUNT
+
+PARAMS_KEY = "params"
+JAILED_KEY = "jailed"
+KV_KINDS = ("kv.put", "kv.delete")
+KINDS = ("ledger.transfer", "ledger.faucet", "stake.bond", "stake.unbond", "stake.slash") + KV_KINDS
+
+
+@dataclass(frozen=True)
+class StateParams:
+    """The rules of one chain, from its genesis, kept in its state."""
+
+    unbonding_blocks: int = 100
+    slash_numerator: int = 1
+    slash_denominator: int = 20
+    faucet_max: int = 0  # the most one faucet transaction may mint; 0: no faucet
+
+    def ledger(self) -> LedgerParams:
+        return LedgerParams(self.unbonding_blocks, self.slash_numerator, self.slash_denominator)
+
+    @classmethod
+    def from_app_state(cls, app_state: Any) -> "StateParams":
+        state = app_state if isinstance(app_state, dict) else {}
+        slash = state.get("slash", [1, 20])
+        params = cls(int(state.get("unbonding_blocks", 100)), int(slash[0]), int(slash[1]),
+                     int(state.get("faucet_max", 0)))
+        if not (1 <= params.unbonding_blocks <= 10_000_000
+                and 0 <= params.slash_numerator <= params.slash_denominator
+                and params.slash_denominator >= 1 and 0 <= params.faucet_max <= MAX_AMOUNT):
+            raise ValueError(f"genesis app_state has bad ledger rules: {params}")
+        return params
+
+
+def _amount(body: dict) -> int:
+    amount = body.get("amount")
+    if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= MAX_AMOUNT:
+        raise LedgerRefused(f"amount must be a whole number of credits in 1..{MAX_AMOUNT}")
+    return amount
+
+
+class MeshStateMachine:
+    """The chain's application (`hmnode.consensus.chain.Application`)."""
+
+    def __init__(self) -> None:
+        self._kv = KeyValueApp()
+
+    def init(self, txn: Txn, genesis: Genesis) -> None:
+        """Genesis: the rules, the validators' stake (their power, in credits) and the initial
+        balances ({"balances": {node id: credits}} in the app state)."""
+        params = StateParams.from_app_state(genesis.app_state)
+        txn.put(schema.STATE, PARAMS_KEY, [params.unbonding_blocks, params.slash_numerator,
+                                           params.slash_denominator, params.faucet_max])
+        ledger = Ledger(txn, params.ledger())
+        for key, power in genesis.validators.members:
+            ledger.mint(key, power)
+            ledger.bond(key, power)
+        state = genesis.app_state if isinstance(genesis.app_state, dict) else {}
+        for node_id, amount in sorted((state.get("balances") or {}).items()):
+            ledger.mint(NodeId.parse(node_id).key, int(amount))
+        self._kv.init(txn, genesis)
+
+    def params(self, txn: Txn) -> StateParams:
+        raw = txn.get(schema.STATE, PARAMS_KEY)
+        return StateParams() if raw is None else StateParams(*raw)
+
+    def check(self, txn: Txn, tx: Transaction) -> str | None:
+        """Why `tx` can never apply (kind or body), or None."""
+        if tx.kind not in KINDS:
+            return f"unknown transaction kind {tx.kind!r}"
+        if tx.kind in KV_KINDS:
+            return self._kv.check(txn, tx)
+        body = tx.payload
+        if not isinstance(body, dict):
+            return "the body is not a map"
+        return None
+
+    def deliver(self, txn: Txn, tx: Transaction, height: int, time_ms: int) -> str | None:
+        """Apply `tx`; None, or why it was refused (and then nothing changed)."""
+        if tx.kind in KV_KINDS:
+            return self._kv.deliver(txn, tx, height, time_ms)
+        body = tx.payload
+        params = self.params(txn)
+        ledger = Ledger(txn, params.ledger())
+        try:
+            if tx.kind == "ledger.transfer":
+                to = body.get("to")
+                if not isinstance(to, bytes) or len(to) != ID_BYTES:
+                    raise LedgerRefused("to must be a 32-byte account (a node id's key)")
+                ledger.transfer(tx.sender, to, _amount(body))
+            elif tx.kind == "ledger.faucet":
+                amount = _amount(body)
+                if amount > params.faucet_max:
+                    raise LedgerRefused("this chain has no faucet" if not params.faucet_max
+                                        else f"the faucet gives at most {params.faucet_max}")
+                ledger.mint(tx.sender, amount)
+            elif tx.kind == "stake.bond":
+                ledger.bond(tx.sender, _amount(body))
+            elif tx.kind == "stake.unbond":
+                ledger.unbond(tx.sender, _amount(body), height)
+            else:
+                self._slash(txn, ledger, tx, height)
+        except LedgerRefused as exc:
+            return str(exc)
+        return None
+
+    def _slash(self, txn: Txn, ledger: Ledger, tx: Transaction, height: int) -> None:
+        try:
+            evidence = Equivocation.decode(tx.payload.get("evidence"))
+            check_equivocation(evidence)
+        except MessageRejected as exc:
+            raise LedgerRefused(f"not evidence of an equivocation: {exc}") from None
+        if evidence.first.chain_id != tx.chain_id:
+            raise LedgerRefused("the evidence is from another chain")
+        if txn.get(schema.SLASHED, evidence.evidence_id) is not None:
+            raise LedgerRefused("this equivocation was already punished")
+        offender = evidence.first.validator
+        txn.put(schema.SLASHED, evidence.evidence_id, height)
+        ledger.slash(offender)
+        jailed = set(self.jailed(txn))
+        if offender not in jailed:
+            txn.put(schema.STATE, JAILED_KEY, sorted(jailed | {offender}))
+
+    def jailed(self, txn: Txn) -> list[bytes]:
+        """Accounts removed from the validator set for equivocating."""
+        return [bytes(k) for k in txn.get(schema.STATE, JAILED_KEY, [])]
+
+    def end_block(self, txn: Txn, height: int) -> None:
+        Ledger(txn, self.params(txn).ledger()).release(height)
+
+    def validators(self, txn: Txn) -> list[tuple[bytes, int]] | None:
+        """Everyone with stake and not jailed, with power equal to its stake."""
+        jailed = set(self.jailed(txn))
+        stakes = [(k, s) for k, s in Ledger(txn).stakes() if k not in jailed]
+        return stakes or None
