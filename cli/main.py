@@ -20,6 +20,7 @@ from hmnode import logs
 from hmnode.cli.simnet import simnet
 from hmnode.cli.plot import plot
 from hmnode.cli.chain import chain, genesis, kv
+from hmnode.cli.ledger import faucet, ledger, stake, transfer, unstake
 
 
 class HmnodeGroup(click.Group):
@@ -44,6 +45,8 @@ main.add_command(plot)
 main.add_command(chain)
 main.add_command(kv)
 main.add_command(genesis)
+for _command in (ledger, stake, unstake, transfer, faucet):
+    main.add_command(_command)
 
 
 @main.command()
@@ -202,7 +205,7 @@ def status(data_dir: Path | None, as_json: bool) -> None:
         last = chain_info.get("last_commit_ms")
         click.echo(f"chain      {chain_info['chain_id']} height {chain_info['height']} ({role} of "
                    f"{len(chain_info['validators'])}"
-                   + (f", last commit {last:.0f} ms)" if last is not None else ")")
+                   + (f", last commit {last:.1f} ms)" if last is not None else ")")
                    + (f" HALTED: {chain_info['halted']}" if chain_info.get("halted") else ""))
     else:
         click.echo("chain      starting (fetching its genesis)")

@@ -14,6 +14,10 @@ from typing import Any, Mapping
 from hmnode import __version__, schema
 from hmnode.chain_node import ChainConfig
 from hmnode.chain_service import ChainService
+
+# What a user may have this node sign through the control API (`hmnode stake`, ...).
+OWN_TX_KINDS = ("ledger.transfer", "ledger.faucet", "stake.bond", "stake.unbond", "kv.put",
+                "kv.delete")
 from hmnode.config import Config, PeerAddress, write_config
 from hmnode.control import ControlServer, MethodError
 from hmnode.datadir import DataDir
@@ -124,6 +128,8 @@ class Agent:
             "submit_txs": self._submit_txs,
             "kv_put": self._kv_put,
             "kv_get": self._kv_get,
+            "transaction": self._own_transaction,
+            "ledger": self._ledger,
             "commits": self._commits,
         })
 
@@ -291,12 +297,22 @@ class Agent:
         key, value = params.get("key"), params.get("value")
         if not isinstance(key, str) or not isinstance(value, bytes):
             raise MethodError("bad_request", "kv_put takes a text key and a bytes value")
+        return await self._own_tx("kv.put", {"key": key, "value": value}, params.get("wait"))
+
+    async def _own_transaction(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        kind, body = params.get("kind"), params.get("body")
+        if kind not in OWN_TX_KINDS or not isinstance(body, dict):
+            raise MethodError("bad_request", f"kind is one of {', '.join(OWN_TX_KINDS)} and "
+                                             "body a map")
+        return await self._own_tx(kind, body, params.get("wait"))
+
+    async def _own_tx(self, kind: str, body: dict[str, Any], wait: Any) -> dict[str, Any]:
+        """Sign a transaction with this node's key, submit it, and wait for its commit."""
         try:
-            tx = self.chain.sign_and_submit("kv.put", {"key": key, "value": value})
+            tx = self.chain.sign_and_submit(kind, body)
         except HmnodeError as exc:
             raise MethodError("refused", str(exc)) from None
-        answer: dict[str, Any] = {"tx_id": tx.tx_id.hex(), "nonce": tx.nonce}
-        wait = params.get("wait")
+        answer: dict[str, Any] = {"tx_id": tx.tx_id.hex(), "nonce": tx.nonce, "kind": kind}
         if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0:
             try:
                 await self.chain.wait_committed(tx.tx_id, float(wait))
@@ -305,6 +321,12 @@ class Agent:
                                              f"within {wait:g} s; it may still be") from None
             answer.update(self.chain.tx_result(tx.tx_id) or {})
         return answer
+
+    async def _ledger(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return self.chain.ledger()
+        except HmnodeError as exc:
+            raise MethodError("not_ready", str(exc)) from None
 
     async def _kv_get(self, params: Mapping[str, Any]) -> dict[str, Any]:
         key = params.get("key")

@@ -28,6 +28,7 @@ from hmnode.consensus.validators import ValidatorSet
 from hmnode.env import Env, RealClock
 from hmnode.errors import HmnodeError
 from hmnode.identity import NodeId, NodeKey
+from hmnode.ledger import Ledger
 from hmnode.mesh import Mesh
 from hmnode.state_machine import MeshStateMachine
 from hmnode.store import Store
@@ -235,6 +236,30 @@ class ChainService:
         height, index, why = found
         return {"tx_id": tx_id.hex(), "height": height, "index": index, "ok": why is None,
                 "rejected": why}
+
+    def ledger(self) -> dict[str, Any]:
+        """This node's account, the totals, and the largest accounts, as JSON-able data."""
+        node = self._ready()
+        me = self.key.node_id.key
+
+        def read(tx: Any) -> dict[str, Any]:
+            ledger = Ledger(tx)
+            totals = ledger.audit()
+            accounts = sorted(((k, v[0], v[1]) for k, v in tx.items(schema.LEDGER_ACCOUNTS)),
+                              key=lambda a: (-(a[1] + a[2]), a[0]))
+            return {
+                "height": node.head.height,
+                "account": {"node_id": str(self.key.node_id), "balance": ledger.balance(me),
+                            "stake": ledger.stake(me),
+                            "unbonding": [{"release_height": h, "amount": a}
+                                          for h, a in ledger.unbonding(me)]},
+                "totals": {**totals.__dict__, "supply": totals.minted - totals.burned},
+                "escrows": tx.count(schema.LEDGER_ESCROW),
+                "accounts": [{"node_id": str(NodeId(k)), "balance": b, "stake": s}
+                             for k, b, s in accounts[:100]],
+                "jailed": [str(NodeId(k)) for k in MeshStateMachine().jailed(tx)],
+            }
+        return self.store.read(read)
 
     def kv_get(self, key: str) -> bytes | None:
         self._ready()

@@ -229,6 +229,30 @@ def test_one_node_commits_alone_through_the_cli(mesh_factory: Any) -> None:
     assert head.returncode == 0 and json.loads(head.stdout)["height"] == chain["height"]
 
 
+def test_credits_through_the_cli_on_a_lone_node(mesh_factory: Any) -> None:
+    mesh = mesh_factory(1)
+    data_dir = mesh.data_dir(node_name(0)).path
+    other = NodeKey.generate().node_id
+    for args in (("faucet", "500"), ("stake", "200"), ("unstake", "50"),
+                 ("transfer", str(other), "10")):
+        done = hmnode(*args, "--data-dir", data_dir, "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert json.loads(done.stdout)["ok"] is True
+    refused = hmnode("faucet", "5000000", "--data-dir", data_dir)
+    assert refused.returncode == 1 and "faucet gives at most" in refused.stderr
+    shown = hmnode("ledger", "--data-dir", data_dir, "--json")
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    # Genesis staked 1 for the lone validator; the faucet minted 500.
+    assert info["account"]["balance"] == 500 - 200 - 10
+    assert info["account"]["stake"] == 1 + 200 - 50
+    assert [u["amount"] for u in info["account"]["unbonding"]] == [50]
+    totals = info["totals"]
+    assert totals["minted"] == 501 and totals["supply"] == 501
+    assert totals["balances"] + totals["stake"] + totals["unbonding"] + totals["escrow"] == 501
+    assert {"node_id": str(other), "balance": 10, "stake": 0} in info["accounts"]
+
+
 # --- 2. four validators -------------------------------------------------------------------------
 
 
