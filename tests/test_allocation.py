@@ -1,0 +1,132 @@
+"""Allocation: never more than an offer shares, every placement feasible and affordable, the
+same answer whatever the order offers come in, and a reason for every job left waiting."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hmnode.allocation import Free, Job, Offer, Price, allocate, cost
+
+MODELS = ("A100", "H100")
+RUNTIMES = ("wasm", "process")
+
+
+def node(i: int) -> bytes:
+    return bytes([i]) * 32
+
+
+offers_st = st.lists(st.builds(
+    Offer,
+    node=st.integers(0, 40).map(node),
+    cores=st.integers(0, 64),
+    memory_mib=st.integers(0, 1 << 16),
+    runtimes=st.lists(st.sampled_from(RUNTIMES), min_size=1, unique=True).map(tuple),
+    price=st.builds(Price, st.integers(0, 50), st.integers(0, 20), st.integers(0, 500),
+                    st.integers(0, 10)),
+    expires_height=st.integers(0, 20),
+    gpus=st.lists(st.tuples(st.sampled_from(MODELS), st.integers(1, 8)), max_size=2,
+                  unique_by=lambda g: g[0]).map(tuple),
+), max_size=12, unique_by=lambda o: o.node)
+jobs_st = st.lists(st.builds(
+    Job,
+    job_id=st.binary(min_size=32, max_size=32),
+    cores=st.integers(1, 32),
+    memory_mib=st.integers(1, 1 << 15),
+    runtime=st.sampled_from(RUNTIMES),
+    duration_s=st.integers(1, 86_400),
+    max_price=st.integers(0, 100_000),
+    gpu_count=st.integers(0, 4),
+    gpu_model=st.none() | st.sampled_from(MODELS),
+), max_size=25, unique_by=lambda j: j.job_id)
+
+
+def free_of(offers: list[Offer]) -> dict[bytes, Free]:
+    return {o.node: Free(o.cores, o.memory_mib, dict(o.gpus)) for o in offers}
+
+
+@settings(max_examples=300, deadline=None)
+@given(offers=offers_st, jobs=jobs_st, height=st.integers(0, 20))
+def test_allocation_is_feasible_bounded_and_order_free(offers: list[Offer], jobs: list[Job],
+                                                        height: int) -> None:
+    free = free_of(offers)
+    placements, reasons = allocate(offers, free, jobs, height)
+    by_node = {o.node: o for o in offers}
+    by_job = {j.job_id: j for j in jobs}
+    used: dict[bytes, list[int]] = {}
+    for p in placements:
+        job, offer = by_job[p.job_id], by_node[p.node]
+        assert offer.expires_height > height and job.runtime in offer.runtimes
+        assert p.cost == cost(job, offer.price) <= job.max_price
+        if job.gpu_count:
+            assert any(n >= job.gpu_count for m, n in offer.gpus
+                       if job.gpu_model in (None, m))
+        u = used.setdefault(p.node, [0, 0, 0])
+        u[0] += job.cores
+        u[1] += job.memory_mib
+        u[2] += job.gpu_count
+    for n, (cores, memory, gpus) in used.items():
+        o = by_node[n]
+        assert cores <= o.cores and memory <= o.memory_mib and gpus <= sum(c for _, c in o.gpus)
+    for room in free.values():
+        assert room.cores >= 0 and room.memory_mib >= 0 and min(room.gpus.values(), default=0) >= 0
+    placed = {p.job_id for p in placements}
+    assert placed.isdisjoint(reasons) and placed | set(reasons) == set(by_job)
+    # The order offers are listed in changes nothing (validators may read them in any order).
+    shuffled = offers[:]
+    random.Random(height).shuffle(shuffled)
+    again = allocate(shuffled, free_of(offers), copy.deepcopy(jobs), height)
+    assert again == (placements, reasons)
+
+
+def _offer(i: int, cores: int = 8, price: int = 10, runtimes: tuple[str, ...] = ("wasm",),
+           gpus: tuple[tuple[str, int], ...] = (), expires: int = 100) -> Offer:
+    return Offer(node(i), cores, 16_384, runtimes, Price(core_hour=price), expires, gpus)
+
+
+def _job(i: int, cores: int = 2, max_price: int = 1_000, runtime: str = "wasm",
+         gpu_count: int = 0, gpu_model: str | None = None) -> Job:
+    return Job(bytes([100 + i]) * 32, cores, 1_024, runtime, 3_600, max_price, gpu_count,
+               gpu_model)
+
+
+def test_cheapest_then_best_fit() -> None:
+    offers = [_offer(1, cores=16, price=10), _offer(2, cores=4, price=10), _offer(3, price=5)]
+    placements, _ = allocate(offers, free_of(offers), [_job(1, cores=4)], height=0)
+    assert placements[0].node == node(3) and placements[0].cost == 20
+    offers = offers[:2]
+    placements, _ = allocate(offers, free_of(offers), [_job(1, cores=4)], height=0)
+    assert placements[0].node == node(2)  # same price: the tighter fit
+
+
+def test_a_node_is_never_given_more_than_it_shares() -> None:
+    offers = [_offer(1, cores=8)]
+    jobs = [_job(i, cores=3) for i in range(4)]
+    placements, reasons = allocate(offers, free_of(offers), jobs, height=0)
+    assert len(placements) == 2
+    assert set(reasons.values()) == {"every node that could run it is busy; it waits for capacity"}
+
+
+def test_reasons_say_why_a_job_waits() -> None:
+    offers = [_offer(1, price=100, gpus=(("A100", 1),)), _offer(2, expires=5)]
+    cases = {
+        _job(1, runtime="process"): "no node allows the process runtime",
+        _job(2, gpu_count=2): "no node with 2 GPUs",
+        _job(3, gpu_count=1, gpu_model="H100"): "no node with 1 H100 GPU",
+        _job(4, cores=64): "no node shares that many cores and that much memory",
+        _job(5, max_price=10): "price below every offer: the cheapest node asks 200, "
+                               "the job pays at most 10",
+    }
+    _, reasons = allocate(offers, free_of(offers), list(cases), height=10)
+    assert reasons == {j.job_id: why for j, why in cases.items()}
+    _, reasons = allocate([], {}, [_job(6)], height=0)
+    assert reasons == {_job(6).job_id: "no node offers anything right now"}
+
+
+def test_cost_rounds_up_in_whole_credits() -> None:
+    job = Job(b"j" * 32, cores=1, memory_mib=512, runtime="wasm", duration_s=1, max_price=0)
+    assert cost(job, Price(core_hour=1, gib_hour=1, start_fee=3)) == 4
+    assert cost(job, Price()) == 0
