@@ -108,23 +108,52 @@ def allocate(offers: list[Offer], free: dict[bytes, Free], jobs: list[Job],
     every job not placed, why."""
     live = sorted((o for o in offers if o.expires_height > height and o.node in free),
                   key=lambda o: o.node)
+    # One flat row per offer, shared by the runtimes it allows: this loop runs jobs x offers
+    # times per block, so it reads list slots, not attributes.
+    rows: dict[str, list[list]] = {}
+    for o in live:
+        p, room = o.price, free[o.node]
+        row = [o.node, room.cores, room.memory_mib, room, p.core_hour * MIB_PER_GIB,
+               p.gib_hour, p.gpu_hour * MIB_PER_GIB, p.start_fee]
+        for runtime in o.runtimes:
+            rows.setdefault(runtime, []).append(row)
+    unit = SECONDS_PER_HOUR * MIB_PER_GIB
     placements: list[Placement] = []
     reasons: dict[bytes, str] = {}
     for job in jobs:
-        fits = [o for o in live if job.runtime in o.runtimes and _gpus_fit(job, free[o.node])
-                and free[o.node].cores >= job.cores and free[o.node].memory_mib >= job.memory_mib]
-        affordable = [(cost(job, o.price), o) for o in fits if cost(job, o.price) <= job.max_price]
-        if not affordable:
+        jc, jm, jg, dur, cap = job.cores, job.memory_mib, job.gpu_count, job.duration_s, \
+            job.max_price
+        best: list | None = None
+        best_key: tuple[int, int] = (0, 0)
+        best_hash = b""
+        for row in rows.get(job.runtime, ()):
+            if row[1] < jc or row[2] < jm or (jg and not _gpus_fit(job, row[3])):
+                continue
+            price = row[7] + ((jc * row[4] + jm * row[5] + jg * row[6]) * dur + unit - 1) // unit
+            if price > cap:
+                continue
+            key = (price, row[1] - jc)
+            if best is None or key < best_key:
+                best, best_key, best_hash = row, key, b""
+            elif key == best_key:
+                # Ties are rare: hash only then.
+                if not best_hash:
+                    best_hash = hashlib.sha256(job.job_id + best[0]).digest()
+                mine = hashlib.sha256(job.job_id + row[0]).digest()
+                if mine < best_hash:
+                    best, best_hash = row, mine
+        if best is None:
+            fits = [o for o in live if job.runtime in o.runtimes
+                    and _gpus_fit(job, free[o.node]) and free[o.node].cores >= jc
+                    and free[o.node].memory_mib >= jm]
             reasons[job.job_id] = _why_not(job, live, free, fits)
             continue
-        price, offer = min(affordable, key=lambda co: (
-            co[0], free[co[1].node].cores - job.cores,
-            hashlib.sha256(job.job_id + co[1].node).digest()))
-        room = free[offer.node]
-        room.cores -= job.cores
-        room.memory_mib -= job.memory_mib
+        best[1] -= jc
+        best[2] -= jm
+        room = best[3]
+        room.cores, room.memory_mib = best[1], best[2]
         _take_gpus(job, room)
-        placements.append(Placement(job.job_id, offer.node, price))
+        placements.append(Placement(job.job_id, best[0], best_key[0]))
     return placements, reasons
 
 
