@@ -233,11 +233,17 @@ LEDGER_TOTALS: Table[str, dict] = Table("ledger_totals", TextKey, AnyCodec())
 # already punished (evidence id -> height).
 STATE: Table[str, Any] = Table("state", TextKey, AnyCodec())
 SLASHED: Table[bytes, int] = Table("slashed", BytesKey, AnyCodec())
+# Offers by node ({"offer": [...], "used": [cores, memory_mib, {model: gpus}]}), jobs by id (a
+# map with their state and history), and the index of live jobs: b"q" + submission number (8
+# bytes) + id for queued ones (oldest first), b"a" + id for allocated ones.
+OFFERS: Table[bytes, dict] = Table("offers", BytesKey, AnyCodec())
+JOBS: Table[bytes, dict] = Table("jobs", BytesKey, AnyCodec())
+JOB_INDEX: Table[bytes, bytes] = Table("job_index", BytesKey, AnyCodec())
 
 TABLES: tuple[Table, ...] = (META, RUNS, EVENTS, INVENTORY, PEERS, ADVERTS, CHAIN, BLOCKS,
                              CERTIFICATES, TX_RESULTS, NONCES, VALIDATOR_SETS, SIGNER, EVIDENCE,
                              KV, KV_POWER, LEDGER_ACCOUNTS, LEDGER_UNBONDING, LEDGER_ESCROW,
-                             LEDGER_TOTALS, STATE, SLASHED)
+                             LEDGER_TOTALS, STATE, SLASHED, OFFERS, JOBS, JOB_INDEX)
 
 # Keys of the meta table.
 META_SCHEMA_VERSION = "schema_version"

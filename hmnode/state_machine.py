@@ -12,7 +12,13 @@ Transactions (kind: body):
   `unbonding_blocks` and stays slashable until then
 - `stake.slash`: {"evidence": an encoded Equivocation}: burns a share of the offender's stake
   and removes it from the validator set from the next epoch
+- `offer.commit`: what the sender's node shares and at what price (see `hmnode.jobs`);
+  `offer.withdraw`: {}
+- `job.submit`: a job spec; its maximum price is held in escrow; `job.cancel`: {"job_id"}
 - `kv.put` / `kv.delete`: as in `hmnode.consensus.kvapp`
+
+At the end of every block, matured unbondings are paid and pending jobs are allocated to
+offers (`hmnode.jobs`, `hmnode.allocation`).
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ from hmnode.consensus.messages import (ID_BYTES, Equivocation, MessageRejected, 
                                        check_equivocation)
 from hmnode.env import Txn
 from hmnode.identity import NodeId
+from hmnode.jobs import JobBook
 from hmnode.ledger import Ledger, LedgerParams, LedgerRefused, MAX_AMOUNT
 
 PARAMS_KEY = "params"
 JAILED_KEY = "jailed"
 KV_KINDS = ("kv.put", "kv.delete")
-KINDS = ("ledger.transfer", "ledger.faucet", "stake.bond", "stake.unbond", "stake.slash") + KV_KINDS
+KINDS = ("ledger.transfer", "ledger.faucet", "stake.bond", "stake.unbond", "stake.slash",
+         "offer.commit", "offer.withdraw", "job.submit", "job.cancel") + KV_KINDS
 
 
 @dataclass(frozen=True)
@@ -126,8 +134,16 @@ class MeshStateMachine:
                 ledger.bond(tx.sender, _amount(body))
             elif tx.kind == "stake.unbond":
                 ledger.unbond(tx.sender, _amount(body), height)
-            else:
+            elif tx.kind == "stake.slash":
                 self._slash(txn, ledger, tx, height)
+            elif tx.kind == "offer.commit":
+                JobBook(txn, ledger).commit_offer(tx.sender, body, height)
+            elif tx.kind == "offer.withdraw":
+                JobBook(txn, ledger).withdraw_offer(tx.sender)
+            elif tx.kind == "job.submit":
+                JobBook(txn, ledger).submit(tx.sender, tx.tx_id, body, height)
+            else:
+                JobBook(txn, ledger).cancel(tx.sender, body.get("job_id"), height)
         except LedgerRefused as exc:
             return str(exc)
         return None
@@ -154,7 +170,9 @@ class MeshStateMachine:
         return [bytes(k) for k in txn.get(schema.STATE, JAILED_KEY, [])]
 
     def end_block(self, txn: Txn, height: int) -> None:
-        Ledger(txn, self.params(txn).ledger()).release(height)
+        ledger = Ledger(txn, self.params(txn).ledger())
+        ledger.release(height)
+        JobBook(txn, ledger).end_block(height)
 
     def validators(self, txn: Txn) -> list[tuple[bytes, int]] | None:
         """Everyone with stake and not jailed, with power equal to its stake."""

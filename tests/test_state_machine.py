@@ -10,6 +10,7 @@ from typing import Any
 import nacl.signing
 import pytest
 
+from hmnode import schema
 from hmnode.consensus.chain import Chain, Genesis, GenesisError
 from hmnode.consensus.messages import (PRECOMMIT, PREVOTE, CommitCertificate, Equivocation,
                                        sign_tx, sign_vote)
@@ -138,3 +139,93 @@ def test_slashing_burns_and_jails_at_the_next_epoch() -> None:
 def test_bad_genesis_rules_are_refused(app_state: Any) -> None:
     with pytest.raises(GenesisError, match="ledger rules"):
         Harness(app_state)
+
+
+# --- offers and jobs -----------------------------------------------------------------------------
+
+OFFER = {"cores": 8, "memory_mib": 16_384, "runtimes": ["wasm"],
+         "price": {"core_hour": 10, "gib_hour": 0, "gpu_hour": 0, "start_fee": 1},
+         "expires_height": 1_000}
+
+
+def job_body(**over: Any) -> dict[str, Any]:
+    body = {"cores": 4, "memory_mib": 1024, "runtime": "wasm", "duration_s": 3600,
+            "max_price": 100, "deadline_height": 10}
+    body.update(over)
+    return body
+
+
+def job(h: Harness, tx: Any) -> dict[str, Any]:
+    return h.store.read(lambda t: t.get(schema.JOBS, tx.tx_id))
+
+
+def test_a_job_is_allocated_to_an_offer_with_its_escrow_held() -> None:
+    h = Harness({"balances": {str(ALICE.node_id): 500}})
+    assert h.block(h.tx(BOB, "offer.commit", OFFER)) == [None]
+    submit = h.tx(ALICE, "job.submit", job_body())
+    assert h.block(submit) == [None]
+    record = job(h, submit)
+    assert record["state"] == "allocated" and record["node"] == BOB.node_id.key
+    assert record["cost"] == 41  # 4 cores x 10 an hour, for an hour, plus the start fee
+    assert [s for s, _ in record["history"]] == ["queued", "allocated"]
+    assert h.balance(ALICE) == 400 and h.audit().escrow == 100
+    used = h.store.read(lambda t: t.get(schema.OFFERS, BOB.node_id.key))["used"]
+    assert used[:2] == [4, 1024]
+
+
+def test_a_job_that_fits_nowhere_waits_with_a_reason_then_expires_refunded() -> None:
+    h = Harness({"balances": {str(ALICE.node_id): 500}})
+    h.block(h.tx(BOB, "offer.commit", OFFER))
+    submit = h.tx(ALICE, "job.submit", job_body(gpu_count=1, deadline_height=5))
+    h.block(submit)
+    record = job(h, submit)
+    assert record["state"] == "queued" and record["reason"] == "no node with 1 GPU"
+    while h.chain.head().height < 5:
+        h.block()
+    record = job(h, submit)
+    assert record["state"] == "expired" and h.balance(ALICE) == 500 and h.audit().escrow == 0
+
+
+def test_cancel_and_the_refusals_around_it() -> None:
+    h = Harness({"balances": {str(ALICE.node_id): 500}})
+    queued = h.tx(ALICE, "job.submit", job_body())
+    h.block(queued)  # no offer: it waits
+    assert job(h, queued)["reason"] == "no node offers anything right now"
+    results = h.block(h.tx(BOB, "job.cancel", {"job_id": queued.tx_id}),
+                      h.tx(ALICE, "job.cancel", {"job_id": queued.tx_id}),
+                      h.tx(ALICE, "job.cancel", {"job_id": queued.tx_id}),
+                      h.tx(ALICE, "job.submit", job_body(max_price=10_000)))
+    assert results[0] == "no such job of yours" and results[1] is None
+    assert "cancelled, not queued" in results[2] and "balance is 500" in results[3]
+    assert job(h, queued)["state"] == "cancelled" and h.balance(ALICE) == 500
+
+
+def test_an_allocated_job_without_a_receipt_lapses_and_frees_its_node() -> None:
+    h = Harness({"balances": {str(ALICE.node_id): 500}})
+    h.block(h.tx(BOB, "offer.commit", OFFER))
+    first = h.tx(ALICE, "job.submit", job_body(cores=8, deadline_height=4))
+    second = h.tx(ALICE, "job.submit", job_body(cores=8, deadline_height=20))
+    h.block(first, second)
+    assert job(h, first)["state"] == "allocated"
+    assert job(h, second)["reason"] == "every node that could run it is busy; it waits for capacity"
+    shrink = dict(OFFER, cores=4)
+    assert h.block(h.tx(BOB, "offer.commit", shrink), h.tx(BOB, "offer.withdraw", {})) == [
+        "the offer would be smaller than what its running jobs use",
+        "jobs are running on this offer; it can only be withdrawn once they end"]
+    h.block()
+    assert job(h, first)["state"] == "lapsed"
+    assert job(h, second)["state"] == "allocated"
+    assert h.balance(ALICE) == 400  # the lapsed job's escrow came back; the second's is held
+    h.audit()
+
+
+@pytest.mark.parametrize("body,why", [
+    (dict(OFFER, runtimes=["docker"]), "runtimes is a list"),
+    (dict(OFFER, cores=-1), "cores must be"),
+    (dict(OFFER, expires_height=0), "expires_height must be"),
+    (dict(OFFER, gpus=[["A100"]]), "gpus is a list"),
+    (dict(OFFER, price="cheap"), "price is a map"),
+])
+def test_malformed_offers_are_refused_with_a_reason(body: dict, why: str) -> None:
+    h = Harness()
+    assert why in h.block(h.tx(BOB, "offer.commit", body))[0]

@@ -235,6 +235,9 @@ RECORDS = {
     "ledger_totals": (meta_keys, st.dictionaries(texts, counts, max_size=6)),
     "state": (meta_keys, msgpack_scalars | st.lists(msgpack_scalars, max_size=4)),
     "slashed": (st.binary(min_size=32, max_size=32), counts),
+    "offers": (st.binary(min_size=32, max_size=32), st.dictionaries(texts, msgpack_scalars, max_size=3)),
+    "jobs": (st.binary(min_size=32, max_size=32), st.dictionaries(texts, msgpack_scalars, max_size=5)),
+    "job_index": (st.binary(min_size=1, max_size=41), st.binary(max_size=32)),
 }
 
 

@@ -1,0 +1,227 @@
+"""Offers and jobs in the replicated state: what nodes share, what users submit, and the
+allocation run at the end of every block (`hmnode.allocation` decides; this module keeps the
+books: escrow, capacity in use, job states and their history).
+
+A job's life so far: queued (its maximum price held in escrow) -> allocated (to a node, at a
+cost) or expired (its deadline passed while it waited) or cancelled (by its owner while it
+waited); an allocated job whose deadline passes without a receipt lapses. Escrow goes back to
+the owner whenever a job ends unpaid. (Receipts and settlement come next.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hmnode import schema
+from hmnode.allocation import Free, Job, Offer, Price, allocate
+from hmnode.env import Txn
+from hmnode.ledger import Ledger, LedgerRefused
+
+MAX_CORES = 4096
+MAX_MEMORY_MIB = 1 << 24
+MAX_GPUS = 64
+MAX_DURATION_S = 30 * 86400
+MAX_DEADLINE_BLOCKS = 1_000_000
+MAX_RUNTIMES = 4
+RUNTIMES = ("wasm", "process")
+MAX_QUEUED_PER_BLOCK = 2_000  # jobs considered per block, oldest first
+MAX_MODEL = 64
+QUEUED, ALLOCATED = b"q", b"a"
+SEQ_KEY = "job_seq"  # in the state table: jobs submitted so far, which orders the queue
+
+
+def _count(body: dict, name: str, hi: int, lo: int = 0) -> int:
+    value = body.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise LedgerRefused(f"{name} must be a whole number in {lo}..{hi}")
+    return value
+
+
+def _model(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_MODEL:
+        raise LedgerRefused(f"a GPU model is text of 1..{MAX_MODEL} characters")
+    return value
+
+
+def parse_offer(node: bytes, body: dict, height: int) -> Offer:
+    """An `offer.commit` body as an Offer; LedgerRefused saying what is wrong."""
+    runtimes = body.get("runtimes")
+    if not isinstance(runtimes, list) or not 0 < len(runtimes) <= MAX_RUNTIMES or any(
+            r not in RUNTIMES for r in runtimes):
+        raise LedgerRefused(f"runtimes is a list of {', '.join(RUNTIMES)}")
+    price = body.get("price")
+    if not isinstance(price, dict):
+        raise LedgerRefused("price is a map of core_hour, gib_hour, gpu_hour and start_fee")
+    gpus = body.get("gpus", [])
+    if not isinstance(gpus, list) or len(gpus) > 8:
+        raise LedgerRefused("gpus is a list of [model, count]")
+    gpu_pairs = []
+    for pair in gpus:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise LedgerRefused("gpus is a list of [model, count]")
+        gpu_pairs.append((_model(pair[0]), _count({"count": pair[1]}, "count", MAX_GPUS, 1)))
+    expires = _count(body, "expires_height", height + MAX_DEADLINE_BLOCKS, height + 1)
+    return Offer(node, _count(body, "cores", MAX_CORES), _count(body, "memory_mib", MAX_MEMORY_MIB),
+                 tuple(sorted(set(runtimes))),
+                 Price(*(_count(price, k, 1 << 40) for k in ("core_hour", "gib_hour", "gpu_hour",
+                                                            "start_fee"))),
+                 expires, tuple(sorted(gpu_pairs)))
+
+
+def parse_job(job_id: bytes, body: dict, height: int) -> tuple[Job, int]:
+    """A `job.submit` body as a Job and its deadline height."""
+    runtime = body.get("runtime")
+    if runtime not in RUNTIMES:
+        raise LedgerRefused(f"runtime is one of {', '.join(RUNTIMES)}")
+    gpu_model = body.get("gpu_model")
+    job = Job(job_id, _count(body, "cores", MAX_CORES, 1),
+              _count(body, "memory_mib", MAX_MEMORY_MIB, 1), runtime,
+              _count(body, "duration_s", MAX_DURATION_S, 1), _count(body, "max_price", 1 << 50, 1),
+              _count(body, "gpu_count", MAX_GPUS), None if gpu_model is None else _model(gpu_model))
+    deadline = _count(body, "deadline_height", height + MAX_DEADLINE_BLOCKS, height + 1)
+    return job, deadline
+
+
+class JobBook:
+    """Offers and jobs as seen through one write transaction."""
+
+    def __init__(self, txn: Txn, ledger: Ledger) -> None:
+        self.txn = txn
+        self.ledger = ledger
+
+    # --- transactions ---------------------------------------------------------------------------
+
+    def commit_offer(self, node: bytes, body: dict, height: int) -> None:
+        offer = parse_offer(node, body, height)
+        held = self.txn.get(schema.OFFERS, node)
+        used = held["used"] if held is not None else [0, 0, {}]
+        gpus = dict(offer.gpus)
+        if offer.cores < used[0] or offer.memory_mib < used[1] or any(
+                gpus.get(m, 0) < n for m, n in used[2].items()):
+            raise LedgerRefused("the offer would be smaller than what its running jobs use")
+        self.txn.put(schema.OFFERS, node, {"offer": _offer_wire(offer), "used": used})
+
+    def submit(self, owner: bytes, job_id: bytes, body: dict, height: int) -> None:
+        job, deadline = parse_job(job_id, body, height)
+        self.ledger.lock(owner, job_id, job.max_price)  # refuses without the balance
+        seq = self.txn.get(schema.STATE, SEQ_KEY, 0) + 1
+        self.txn.put(schema.STATE, SEQ_KEY, seq)
+        self.txn.put(schema.JOBS, job_id, {
+            "owner": owner, "spec": _job_wire(job), "deadline": deadline, "submitted": height,
+            "seq": seq, "state": "queued", "node": None, "cost": None,
+            "reason": "not yet considered", "history": [["queued", height]]})
+        self.txn.put(schema.JOB_INDEX, _queued_key(seq, job_id), job_id)
+
+    def withdraw_offer(self, node: bytes) -> None:
+        held = self.txn.get(schema.OFFERS, node)
+        if held is None:
+            raise LedgerRefused("this node has no offer")
+        if held["used"][0] or held["used"][1] or held["used"][2]:
+            raise LedgerRefused("jobs are running on this offer; it can only be withdrawn "
+                                "once they end")
+        self.txn.delete(schema.OFFERS, node)
+
+    def cancel(self, owner: bytes, job_id: Any, height: int) -> None:
+        record = self.txn.get(schema.JOBS, job_id) if isinstance(job_id, bytes) else None
+        if record is None or record["owner"] != owner:
+            raise LedgerRefused("no such job of yours")
+        if record["state"] != "queued":
+            raise LedgerRefused(f"the job is {record['state']}, not queued")
+        self._end(job_id, record, "cancelled", height)
+
+    # --- once per block -------------------------------------------------------------------------
+
+    def end_block(self, height: int) -> None:
+        """Lapse and expire what is overdue, then allocate what waits."""
+        for key, job_id in list(self.txn.items(schema.JOB_INDEX)):
+            record = self.txn.get(schema.JOBS, job_id)
+            if record["deadline"] <= height:
+                self._end(job_id, record, "lapsed" if key[:1] == ALLOCATED else "expired", height)
+        queued = [(job_id, self.txn.get(schema.JOBS, job_id)) for key, job_id in
+                  self.txn.items(schema.JOB_INDEX) if key[:1] == QUEUED][:MAX_QUEUED_PER_BLOCK]
+        if not queued:
+            return
+        offers, free = [], {}
+        for node, held in self.txn.items(schema.OFFERS):
+            offer = _offer_from(node, held["offer"])
+            used = held["used"]
+            offers.append(offer)
+            free[node] = Free(offer.cores - used[0], offer.memory_mib - used[1],
+                              {m: n - used[2].get(m, 0) for m, n in offer.gpus})
+        jobs = [_job_from(job_id, record["spec"]) for job_id, record in queued]
+        placements, reasons = allocate(offers, free, jobs, height)
+        records = dict(queued)
+        for p in placements:
+            record = records[p.job_id]
+            record.update(state="allocated", node=p.node, cost=p.cost, reason=None,
+                          gpu=self._gpu_model(p.node, record["spec"]))
+            record["history"].append(["allocated", height])
+            self.txn.put(schema.JOBS, p.job_id, record)
+            self.txn.delete(schema.JOB_INDEX, _queued_key(record["seq"], p.job_id))
+            self.txn.put(schema.JOB_INDEX, ALLOCATED + p.job_id, p.job_id)
+            self._use(p.node, record["spec"], record["gpu"], +1)
+        for job_id, why in reasons.items():
+            if records[job_id]["reason"] != why:
+                records[job_id]["reason"] = why
+                self.txn.put(schema.JOBS, job_id, records[job_id])
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _end(self, job_id: bytes, record: dict, state: str, height: int) -> None:
+        if record["state"] == "allocated":
+            self.txn.delete(schema.JOB_INDEX, ALLOCATED + job_id)
+            self._use(record["node"], record["spec"], record.get("gpu"), -1)
+        else:
+            self.txn.delete(schema.JOB_INDEX, _queued_key(record["seq"], job_id))
+        self.ledger.refund(job_id)
+        record.update(state=state, reason=None)
+        record["history"].append([state, height])
+        self.txn.put(schema.JOBS, job_id, record)
+
+    def _gpu_model(self, node: bytes, spec: list) -> str | None:
+        """The GPU model a job placed on `node` takes (the rule `allocate` applies)."""
+        job = _job_from(b"", spec)
+        if not job.gpu_count:
+            return None
+        if job.gpu_model is not None:
+            return job.gpu_model
+        held = self.txn.get(schema.OFFERS, node)
+        used = held["used"][2]
+        return min(m for m, n in _offer_from(node, held["offer"]).gpus
+                   if n - used.get(m, 0) >= job.gpu_count)
+
+    def _use(self, node: bytes, spec: list, model: str | None, sign: int) -> None:
+        job = _job_from(b"", spec)
+        held = self.txn.get(schema.OFFERS, node)
+        cores, memory, gpus = held["used"]
+        gpus = dict(gpus)
+        if model is not None:
+            gpus[model] = gpus.get(model, 0) + sign * job.gpu_count
+        held["used"] = [cores + sign * job.cores, memory + sign * job.memory_mib,
+                        {m: n for m, n in gpus.items() if n}]
+        self.txn.put(schema.OFFERS, node, held)
+
+
+def _queued_key(seq: int, job_id: bytes) -> bytes:
+    return QUEUED + seq.to_bytes(8, "big") + job_id
+
+
+def _offer_wire(o: Offer) -> list:
+    p = o.price
+    return [o.cores, o.memory_mib, list(o.runtimes),
+            [p.core_hour, p.gib_hour, p.gpu_hour, p.start_fee], o.expires_height,
+            [list(g) for g in o.gpus]]
+
+
+def _offer_from(node: bytes, wire: list) -> Offer:
+    cores, memory, runtimes, price, expires, gpus = wire
+    return Offer(node, cores, memory, tuple(runtimes), Price(*price), expires,
+                 tuple((m, n) for m, n in gpus))
+
+
+def _job_wire(j: Job) -> list:
+    return [j.cores, j.memory_mib, j.runtime, j.duration_s, j.max_price, j.gpu_count, j.gpu_model]
+
+
+def _job_from(job_id: bytes, wire: list) -> Job:
+    return Job(job_id, *wire)
