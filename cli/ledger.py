@@ -1,5 +1,6 @@
-"""`hmnode ledger`, `hmnode stake`, `hmnode unstake`, `hmnode transfer` and `hmnode faucet`:
-credits on the chain, through the running node (which signs with its key)."""
+"""`hmnode ledger`, `hmnode stake`, `hmnode unstake`, `hmnode transfer`, `hmnode faucet` and
+`hmnode jobs`: credits and jobs on the chain, through the running node (which signs with its
+key)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,26 @@ def ledger(data_dir: Path | None, as_json: bool) -> None:
     for account in info["accounts"][:20]:
         click.echo(f"  {account['node_id']}  balance {account['balance']:>12}  "
                    f"stake {account['stake']:>12}")
+
+
+@click.command()
+@data_dir_option
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True,
+              help="How many of the newest jobs to show.")
+@json_option
+def jobs(data_dir: Path | None, limit: int, as_json: bool) -> None:
+    """Show the chain's newest jobs: state, node, cost, and why a queued job waits."""
+    info = _call(data_dir, "jobs", {"limit": limit})
+    if as_json:
+        print_json(info)
+        return
+    if not info["jobs"]:
+        click.echo(f"no jobs on the chain (height {info['height']})")
+        return
+    for job in info["jobs"]:
+        where = (f"on {job['node'][:13]} for {job['cost']}" if job["node"] else
+                 f"waiting: {job['why_waiting']}" if job["state"] == "queued" else "")
+        click.echo(f"{job['job_id'][:16]} {job['state']:9} {where}")
 
 
 def _amount_command(name: str, kind: str, doc: str) -> click.Command:

@@ -20,7 +20,7 @@ from hmnode import logs
 from hmnode.cli.simnet import simnet
 from hmnode.cli.plot import plot
 from hmnode.cli.chain import chain, genesis, kv
-from hmnode.cli.ledger import faucet, ledger, stake, transfer, unstake
+from hmnode.cli.ledger import faucet, jobs, ledger, stake, transfer, unstake
 
 
 class HmnodeGroup(click.Group):
@@ -45,7 +45,7 @@ main.add_command(plot)
 main.add_command(chain)
 main.add_command(kv)
 main.add_command(genesis)
-for _command in (ledger, stake, unstake, transfer, faucet):
+for _command in (ledger, stake, unstake, transfer, faucet, jobs):
     main.add_command(_command)
 
 

@@ -17,7 +17,7 @@ from hmnode.chain_service import ChainService
 
 # What a user may have this node sign through the control API (`hmnode stake`, ...).
 OWN_TX_KINDS = ("ledger.transfer", "ledger.faucet", "stake.bond", "stake.unbond", "kv.put",
-                "kv.delete")
+                "kv.delete", "offer.commit", "offer.withdraw", "job.submit", "job.cancel")
 from hmnode.config import Config, PeerAddress, write_config
 from hmnode.control import ControlServer, MethodError
 from hmnode.datadir import DataDir
@@ -130,6 +130,7 @@ class Agent:
             "kv_get": self._kv_get,
             "transaction": self._own_transaction,
             "ledger": self._ledger,
+            "jobs": self._jobs,
             "commits": self._commits,
         })
 
@@ -321,6 +322,15 @@ class Agent:
                                              f"within {wait:g} s; it may still be") from None
             answer.update(self.chain.tx_result(tx.tx_id) or {})
         return answer
+
+    async def _jobs(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        limit = params.get("limit", 100)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise MethodError("bad_request", "limit is 1..10000")
+        try:
+            return self.chain.jobs(limit)
+        except HmnodeError as exc:
+            raise MethodError("not_ready", str(exc)) from None
 
     async def _ledger(self, params: Mapping[str, Any]) -> dict[str, Any]:
         try:

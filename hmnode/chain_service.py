@@ -261,9 +261,31 @@ class ChainService:
             }
         return self.store.read(read)
 
+    def jobs(self, limit: int) -> dict[str, Any]:
+        """The newest jobs on the chain: state, node, cost, history and why one waits."""
+        node = self._ready()
+
+        def read(tx: Any) -> list[dict[str, Any]]:
+            records = sorted(((r["seq"], job_id, r) for job_id, r in tx.items(schema.JOBS)),
+                             reverse=True)[:limit]
+            return [job_json(job_id, r) for _, job_id, r in records]
+        return {"height": node.head.height, "jobs": self.store.read(read)}
+
     def kv_get(self, key: str) -> bytes | None:
         self._ready()
         return self.store.read(lambda tx: tx.get(schema.KV, key.encode()))
+
+
+def job_json(job_id: bytes, record: dict[str, Any]) -> dict[str, Any]:
+    """A job as `hmnode jobs --json` shows it."""
+    cores, memory, runtime, duration, max_price, gpu_count, gpu_model = record["spec"]
+    return {"job_id": job_id.hex(), "owner": str(NodeId(record["owner"])),
+            "state": record["state"], "why_waiting": record["reason"],
+            "node": None if record["node"] is None else str(NodeId(record["node"])),
+            "cost": record["cost"], "max_price": max_price, "deadline_height": record["deadline"],
+            "resources": {"cores": cores, "memory_mib": memory, "runtime": runtime,
+                          "duration_s": duration, "gpu_count": gpu_count, "gpu_model": gpu_model},
+            "history": [{"state": s, "height": h} for s, h in record["history"]]}
 
 
 def block_json(chain: Chain, block: Block, cert: CommitCertificate) -> dict[str, Any]:

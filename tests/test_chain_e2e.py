@@ -252,6 +252,26 @@ def test_credits_through_the_cli_on_a_lone_node(mesh_factory: Any) -> None:
     assert totals["balances"] + totals["stake"] + totals["unbonding"] + totals["escrow"] == 501
     assert {"node_id": str(other), "balance": 10, "stake": 0} in info["accounts"]
 
+    # The node offers its cores; one job fits, one asks for a runtime nobody allows.
+    sock = mesh.data_dir(node_name(0)).control_socket
+    offer = {"cores": 8, "memory_mib": 4096, "runtimes": ["wasm"], "expires_height": 10_000,
+             "price": {"core_hour": 10, "gib_hour": 0, "gpu_hour": 0, "start_fee": 1}}
+    assert control.call(sock, "transaction", {"kind": "offer.commit", "body": offer,
+                                              "wait": 10}, timeout=20)["ok"]
+    for runtime in ("wasm", "process"):
+        spec = {"cores": 4, "memory_mib": 1024, "runtime": runtime, "duration_s": 3600,
+                "max_price": 100, "deadline_height": 10_000}
+        assert control.call(sock, "transaction", {"kind": "job.submit", "body": spec,
+                                                  "wait": 10}, timeout=20)["ok"]
+    listed = hmnode("jobs", "--data-dir", data_dir, "--json")
+    assert listed.returncode == 0, listed.stderr
+    by_runtime = {j["resources"]["runtime"]: j for j in json.loads(listed.stdout)["jobs"]}
+    assert by_runtime["wasm"]["state"] == "allocated" and by_runtime["wasm"]["cost"] == 41
+    assert by_runtime["process"]["state"] == "queued"
+    assert by_runtime["process"]["why_waiting"] == "no node allows the process runtime"
+    after = json.loads(hmnode("ledger", "--data-dir", data_dir, "--json").stdout)
+    assert after["totals"]["escrow"] == 200 and after["account"]["balance"] == 290 - 200
+
 
 # --- 2. four validators -------------------------------------------------------------------------
 
