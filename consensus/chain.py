@@ -151,8 +151,10 @@ class RecordingTxn:
         return self._txn.get(table, key, default)
 
     def put(self, table: Table, key: Any, record: Any) -> None:
-        self.writes.update(pack([table.name, table.key.encode(key), table.codec.encode(record)]))
-        self.log.append((table, key, record))
+        encoded = table.codec.encode(record)
+        self.writes.update(pack([table.name, table.key.encode(key), encoded]))
+        # The bytes, not the object: the caller may change the object after writing it.
+        self.log.append((table, key, encoded))
         self._txn.put(table, key, record)
 
     def delete(self, table: Table, key: Any) -> bool:
@@ -365,11 +367,11 @@ class Chain:
                 # Executed on this very state already: write what it wrote (the last write of
                 # each key is what stays).
                 last = {(table.name, key): (table, key, record) for table, key, record in known[1]}
-                for table, key, record in last.values():
-                    if record is _DELETED:
+                for table, key, encoded in last.values():
+                    if encoded is _DELETED:
                         tx.delete(table, key)
                     else:
-                        tx.put(table, key, record)
+                        tx.put(table, key, table.codec.decode(encoded, table.name))
                 root = known[2]
             else:
                 root, _ = self._execute(tx, block)

@@ -32,15 +32,17 @@ def _keys(n: int, seed: int = 1) -> list[NodeKey]:
 class _DurableLog(SimStore):
     """A SimStore that remembers the signer state as of the last sync (what a crash keeps)."""
 
+    def _durable_row(self, table: schema.Table, key: str) -> Any:
+        raw = self._durable.get(table.name, {}).get(table.key.encode(key))
+        return None if raw is None else table.codec.decode(raw, table.name)
+
     def durable_signer(self) -> SignerState | None:
-        raw = self._durable.get(schema.SIGNER.name, {}).get(
-            schema.SIGNER.key.encode(schema.SIGNER_STATE))
-        return None if raw is None else SignerState.from_wire(raw)
+        wire = self._durable_row(schema.SIGNER, schema.SIGNER_STATE)
+        return None if wire is None else SignerState.from_wire(wire)
 
     def durable_height(self) -> int:
-        raw = self._durable.get(schema.CHAIN.name, {}).get(
-            schema.CHAIN.key.encode(schema.CHAIN_HEAD))
-        return 0 if raw is None else raw[0]
+        head = self._durable_row(schema.CHAIN, schema.CHAIN_HEAD)
+        return 0 if head is None else head[0]
 
 
 class _Cluster:

@@ -53,6 +53,9 @@ def test_the_nemesis_acts_and_is_caught_as_evidence() -> None:
         assert driver.get(act, 0) > 0, act
     assert result.stats["evidence"] > 0
     assert driver.get("misbehaviour_noted", 0) > 0
+    # Clients' jobs were placed, and some waited: the allocation checker had work to check.
+    jobs = result.stats["jobs"]
+    assert jobs.get("allocated", 0) + jobs.get("lapsed", 0) > 0 and len(jobs) >= 2, jobs
 
 
 def test_agreement_checker_catches_f_plus_one_byzantine() -> None:

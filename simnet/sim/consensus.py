@@ -20,6 +20,9 @@ Checkers:
   followers alike, and re-send what a crashed node's mempool lost);
 - conservation: every honest node's ledger adds up (balances + stake + unbonding + escrow =
   minted - burned), row by row;
+- allocation: no offer is given more than it shares, its books agree with its jobs, and every
+  allocated job fits its offer's runtimes and its own price (clients submit jobs, honest
+  validators offer);
 - no_honest_equivocation: no evidence ever names an honest validator;
 - no_crash: no core raised (invariant checks included) on any input, and no node sent a
   message the wire refuses.
@@ -55,7 +58,7 @@ from .gossip import CALM, FaultPlan, Result, schedule_faults
 from .network import SimNetwork
 from .store import SimStore
 
-CHECKERS = ("agreement", "validity", "durability", "liveness", "conservation",
+CHECKERS = ("agreement", "validity", "durability", "liveness", "conservation", "allocation",
             "no_honest_equivocation",
             "no_crash")
 SCENARIOS = ("consensus", "consensus-byzantine")
@@ -63,6 +66,7 @@ CHAIN_ID = "sim"
 MAX_CLOCK_OFFSET_S = 2.0  # well inside what block times tolerate (chain.MAX_FUTURE_MS)
 MAX_CLOCK_DRIFT = 500e-6
 CLIENTS = 4
+CLIENT_CREDITS = 1_000_000
 RESUBMIT_S = 3.0
 
 
@@ -209,14 +213,15 @@ class ConsensusSim:
             self.rng.randbytes(32))), byzantine=False, name=f"f{j}")
             for j in range(settings.followers)]
         self.by_id = {v.id: v for v in self.validators + self.followers}
-        self.genesis = Genesis(CHAIN_ID, 1_700_000_000_000,
-                               ValidatorSet.of((k.node_id.key, 100) for k in keys),
-                               settings.epoch_blocks,
-                               {"balances": {str(keys[0].node_id): 1_000}})
-        self.config = ChainConfig(timeouts=settings.timeouts, empty_block_s=5.0,
-                                  sync_poll_s=1.0)
         self.clients = [NodeKey(nacl.signing.SigningKey(self.rng.randbytes(32)))
                         for _ in range(CLIENTS)]
+        balances = {str(c.node_id): CLIENT_CREDITS for c in self.clients}
+        balances[str(keys[0].node_id)] = 1_000
+        self.genesis = Genesis(CHAIN_ID, 1_700_000_000_000,
+                               ValidatorSet.of((k.node_id.key, 100) for k in keys),
+                               settings.epoch_blocks, {"balances": balances})
+        self.config = ChainConfig(timeouts=settings.timeouts, empty_block_s=5.0,
+                                  sync_poll_s=1.0)
         self._nonces = [0] * CLIENTS
         self.submitted: set[bytes] = set()
         self.pending: dict[bytes, Transaction] = {}  # submitted, not yet seen committed
@@ -348,12 +353,36 @@ class ConsensusSim:
                                      or self.honest)
             for _ in range(self.rng.randint(1, 4)):
                 self._nonces[i] += 1
-                tx = sign_tx(self.clients[i], CHAIN_ID, self._nonces[i], "kv.put",
-                             {"key": f"k{self.rng.randrange(50)}", "value": self.rng.randbytes(8)})
+                kind, body = self._client_tx()
+                tx = sign_tx(self.clients[i], CHAIN_ID, self._nonces[i], kind, body)
                 self.submitted.add(tx.tx_id)
                 self.pending[tx.tx_id] = tx
                 self._submit(target, tx)
         self.clock.call_later(self.settings.load_every_s * self.rng.uniform(0.5, 1.5), self._load)
+
+    def _client_tx(self) -> tuple[str, dict[str, Any]]:
+        """A key-value write, or now and then a job for the offers to take."""
+        rng = self.rng
+        if rng.random() < 0.3:
+            height = max(v.node.head.height for v in self.honest if v.up) if any(
+                v.up for v in self.honest) else 0
+            return "job.submit", {
+                "cores": rng.randint(1, 8), "memory_mib": rng.choice([512, 2048, 8192]),
+                "runtime": rng.choice(["wasm", "wasm", "process"]),
+                "duration_s": rng.randint(60, 7200), "max_price": rng.randint(5, 400),
+                "gpu_count": rng.choice([0, 0, 0, 1]), "deadline_height": height + rng.randint(3, 60)}
+        return "kv.put", {"key": f"k{rng.randrange(50)}", "value": rng.randbytes(8)}
+
+    def _offer(self) -> None:
+        """Each honest validator offers what it shares (one with a GPU)."""
+        for v in self.honest:
+            body = {"cores": 16, "memory_mib": 32_768, "runtimes": ["wasm"],
+                    "price": {"core_hour": self.rng.randint(1, 20), "gib_hour": 1,
+                              "gpu_hour": 50, "start_fee": 2},
+                    "expires_height": 1_000_000,
+                    "gpus": [["A100", 2]] if v is self.honest[0] else []}
+            if v.up:
+                v._guard(lambda v=v, body=body: v.node.sign_and_submit("offer.commit", body))
 
     def _submit(self, target: _SimNode, tx: Transaction) -> None:
         def submit() -> None:
@@ -417,6 +446,7 @@ class ConsensusSim:
             self.clock.call_at(self.start_at * self.rng.random(), v.boot)
         self.clock.call_at(self.start_at, self._load)
         self.clock.call_at(self.start_at + RESUBMIT_S, self._resubmit)
+        self.clock.call_at(self.start_at + 0.5, self._offer)
         if self.settings.power_change:
             self.clock.call_at(self.start_at + 3.0, self._change_power)
         self._schedule_faults()
@@ -450,6 +480,10 @@ class ConsensusSim:
                 continue
             if totals.held() != totals.minted - totals.burned:
                 self.problem("conservation", f"{v.name}: {totals}")
+        for v in live:
+            why = v.disk.read(_allocation_problem)
+            if why:
+                self.problem("allocation", f"{v.name}: {why}")
         refused = self.net.counters.get("refused", 0)
         if refused:
             self.problem("no_crash", f"nodes sent {refused} messages the wire refuses "
@@ -470,9 +504,49 @@ class ConsensusSim:
             "network": dict(sorted(self.net.counters.items())),
             "driver": dict(sorted(self.counters.items())),
             "evidence": max((len(_evidence(v)) for v in live), default=0),
+            "jobs": _job_states(live[0]) if live else {},
         }
         return Result(self.scenario, self.n, self.seed, self.duration, self.net.trace_hash(), ok,
                       verdicts, stats)
+
+
+def _allocation_problem(tx: Any) -> str | None:
+    """Why the jobs on this node's chain break the allocation rules, or None: no offer gives
+    out more than it shares, its books agree with its jobs, and every allocated job fits the
+    offer it runs on and its price."""
+    offers = dict(tx.items(schema.OFFERS))
+    used: dict[bytes, list] = {n: [0, 0, 0] for n in offers}
+    for job_id, record in tx.items(schema.JOBS):
+        if record["state"] != "allocated":
+            continue
+        cores, memory, runtime, _, max_price, gpus, _ = record["spec"]
+        held = offers.get(record["node"])
+        if held is None:
+            return f"job {job_id.hex()[:12]} runs on a node with no offer"
+        if runtime not in held["offer"][2] or record["cost"] > max_price:
+            return f"job {job_id.hex()[:12]} does not fit its offer or its price"
+        u = used[record["node"]]
+        u[0], u[1], u[2] = u[0] + cores, u[1] + memory, u[2] + gpus
+    for node, held in offers.items():
+        o_cores, o_memory = held["offer"][0], held["offer"][1]
+        o_gpus = sum(n for _, n in held["offer"][5])
+        u = used[node]
+        if u[0] > o_cores or u[1] > o_memory or u[2] > o_gpus:
+            return f"node {node.hex()[:12]} is given {u} of {o_cores, o_memory, o_gpus}"
+        books = held["used"]
+        if [books[0], books[1], sum(books[2].values())] != u:
+            return f"node {node.hex()[:12]} books {books}, its jobs use {u}"
+    return None
+
+
+def _job_states(v: _SimNode) -> dict[str, int]:
+    """How many jobs on the node's chain are in each state."""
+    def read(tx: Any) -> dict[str, int]:
+        states: dict[str, int] = {}
+        for _, record in tx.items(schema.JOBS):
+            states[record["state"]] = states.get(record["state"], 0) + 1
+        return dict(sorted(states.items()))
+    return v.disk.read(read)
 
 
 def _evidence(v: _SimNode) -> list[bytes]:

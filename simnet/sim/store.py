@@ -3,8 +3,10 @@ apart from synced ones, so a simulated power loss drops exactly what was not yet
 
 With `sync_on_commit` (the default, as the LMDB store opens its environment) every commit is
 durable at once; without it, commits stay in the page cache until `sync`, which shows whether
-the code asks for durability where it relies on it. Records are kept as the objects written
-(the schema's records are frozen); the LMDB store's own tests cover their encodings.
+the code asks for durability where it relies on it. Frozen records are kept as the objects
+written (the LMDB store's own tests cover their encodings); plain msgpack values (lists, maps)
+are kept encoded, as LMDB keeps them, so that changing what a read returned never changes the
+store behind a transaction's back.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from hmnode.schema import Table
+from hmnode.schema import AnyCodec, Table
 
 T = TypeVar("T")
 _GONE = object()  # a deletion not yet applied to the layer below
@@ -38,6 +40,14 @@ class _Layers:
         return sorted(k for k in keys if self.get(table, k) is not _GONE)
 
 
+def _keep(table: Table, record: Any) -> Any:
+    return table.codec.encode(record) if isinstance(table.codec, AnyCodec) else record
+
+
+def _load(table: Table, stored: Any) -> Any:
+    return table.codec.decode(stored, table.name) if isinstance(table.codec, AnyCodec) else stored
+
+
 class SimTxn:
     """A transaction on a SimStore, with `hmnode.store.Txn`'s methods."""
 
@@ -48,10 +58,10 @@ class SimTxn:
 
     def get(self, table: Table, key: Any, default: Any = None) -> Any:
         record = self._view.get(table.name, table.key.encode(key))
-        return default if record is _GONE else record
+        return default if record is _GONE else _load(table, record)
 
     def put(self, table: Table, key: Any, record: Any) -> None:
-        self._write(table)[table.key.encode(key)] = record
+        self._write(table)[table.key.encode(key)] = _keep(table, record)
 
     def delete(self, table: Table, key: Any) -> bool:
         encoded = table.key.encode(key)
@@ -62,7 +72,7 @@ class SimTxn:
     def items(self, table: Table, reverse: bool = False) -> Iterator[tuple[Any, Any]]:
         keys = self._view.keys(table.name)
         for key in reversed(keys) if reverse else keys:
-            yield table.key.decode(key), self._view.get(table.name, key)
+            yield table.key.decode(key), _load(table, self._view.get(table.name, key))
 
     def count(self, table: Table) -> int:
         return len(self._view.keys(table.name))
