@@ -17,7 +17,8 @@ from hmnode.chain_service import ChainService
 
 # What a user may have this node sign through the control API (`hmnode stake`, ...).
 OWN_TX_KINDS = ("ledger.transfer", "ledger.faucet", "stake.bond", "stake.unbond", "kv.put",
-                "kv.delete", "offer.commit", "offer.withdraw", "job.submit", "job.cancel")
+                "kv.delete", "offer.commit", "offer.withdraw", "job.submit", "job.cancel",
+                "job.receipt")
 from hmnode.config import Config, PeerAddress, write_config
 from hmnode.control import ControlServer, MethodError
 from hmnode.datadir import DataDir

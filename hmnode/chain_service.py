@@ -285,7 +285,14 @@ def job_json(job_id: bytes, record: dict[str, Any]) -> dict[str, Any]:
             "cost": record["cost"], "max_price": max_price, "deadline_height": record["deadline"],
             "resources": {"cores": cores, "memory_mib": memory, "runtime": runtime,
                           "duration_s": duration, "gpu_count": gpu_count, "gpu_model": gpu_model},
-            "history": [{"state": s, "height": h} for s, h in record["history"]]}
+            "history": [{"state": s, "height": h} for s, h in record["history"]],
+            "receipt": _receipt_json(record.get("receipt"))}
+
+
+def _receipt_json(receipt: dict[str, Any] | None) -> dict[str, Any] | None:
+    if receipt is None:
+        return None
+    return {**receipt, "result_hash": receipt["result_hash"].hex()}
 
 
 def block_json(chain: Chain, block: Block, cert: CommitCertificate) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 allocation run at the end of every block (`hmnode.allocation` decides; this module keeps the
 books: escrow, capacity in use, job states and their history).
 
-A job's life so far: queued (its maximum price held in escrow) -> allocated (to a node, at a
-cost) or expired (its deadline passed while it waited) or cancelled (by its owner while it
-waited); an allocated job whose deadline passes without a receipt lapses. Escrow goes back to
-the owner whenever a job ends unpaid. (Receipts and settlement come next.)
+A job's life: queued (its maximum price held in escrow) -> allocated (to a node, at a cost) or
+expired (its deadline passed while it waited) or cancelled (by its owner while it waited); an
+allocated job is settled by its node's receipt (the node is paid its cost from the escrow) or
+lapses when its deadline passes first. Whatever is left of the escrow goes back to the owner.
 """
 
 from __future__ import annotations
@@ -121,6 +121,27 @@ class JobBook:
                                 "once they end")
         self.txn.delete(schema.OFFERS, node)
 
+    def receipt(self, node: bytes, body: dict, height: int) -> None:
+        """The node that ran a job reports its result: it is paid the job's cost from the
+        escrow, the rest goes back to the owner, and the node's capacity is free again."""
+        job_id = body.get("job_id")
+        record = self.txn.get(schema.JOBS, job_id) if isinstance(job_id, bytes) else None
+        if record is None or record["state"] != "allocated" or record["node"] != node:
+            raise LedgerRefused("no job allocated to this node with that id")
+        result = body.get("result_hash")
+        if not isinstance(result, bytes) or len(result) != 32:
+            raise LedgerRefused("result_hash is 32 bytes")
+        measured = {name: _count(body, name, 1 << 62) for name in
+                    ("wall_ms", "cpu_ms", "fuel", "peak_memory_mib")}
+        exit_code = body.get("exit_code")
+        if isinstance(exit_code, bool) or not isinstance(exit_code, int) or not \
+                -(1 << 31) <= exit_code < (1 << 31):
+            raise LedgerRefused("exit_code is a 32-bit integer")
+        self.ledger.pay(job_id, node, record["cost"])
+        record["receipt"] = {"result_hash": result, "exit_code": exit_code, **measured,
+                             "height": height}
+        self._end(job_id, record, "settled", height)
+
     def cancel(self, owner: bytes, job_id: Any, height: int) -> None:
         record = self.txn.get(schema.JOBS, job_id) if isinstance(job_id, bytes) else None
         if record is None or record["owner"] != owner:
@@ -168,6 +189,7 @@ class JobBook:
     # --- helpers --------------------------------------------------------------------------------
 
     def _end(self, job_id: bytes, record: dict, state: str, height: int) -> None:
+        """End a live job: free its node, refund what is left of its escrow."""
         if record["state"] == "allocated":
             self.txn.delete(schema.JOB_INDEX, ALLOCATED + job_id)
             self._use(record["node"], record["spec"], record.get("gpu"), -1)

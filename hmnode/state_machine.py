@@ -15,6 +15,8 @@ Transactions (kind: body):
 - `offer.commit`: what the sender's node shares and at what price (see `hmnode.jobs`);
   `offer.withdraw`: {}
 - `job.submit`: a job spec; its maximum price is held in escrow; `job.cancel`: {"job_id"}
+- `job.receipt`: {"job_id", "result_hash", "exit_code", "wall_ms", "cpu_ms", "fuel",
+  "peak_memory_mib"} from the node the job was allocated to: it is paid, the rest refunded
 - `kv.put` / `kv.delete`: as in `hmnode.consensus.kvapp`
 
 At the end of every block, matured unbondings are paid and pending jobs are allocated to
@@ -40,7 +42,7 @@ PARAMS_KEY = "params"
 JAILED_KEY = "jailed"
 KV_KINDS = ("kv.put", "kv.delete")
 KINDS = ("ledger.transfer", "ledger.faucet", "stake.bond", "stake.unbond", "stake.slash",
-         "offer.commit", "offer.withdraw", "job.submit", "job.cancel") + KV_KINDS
+         "offer.commit", "offer.withdraw", "job.submit", "job.cancel", "job.receipt") + KV_KINDS
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class MeshStateMachine:
                 JobBook(txn, ledger).withdraw_offer(tx.sender)
             elif tx.kind == "job.submit":
                 JobBook(txn, ledger).submit(tx.sender, tx.tx_id, body, height)
+            elif tx.kind == "job.receipt":
+                JobBook(txn, ledger).receipt(tx.sender, body, height)
             else:
                 JobBook(txn, ledger).cancel(tx.sender, body.get("job_id"), height)
         except LedgerRefused as exc:

@@ -229,3 +229,33 @@ def test_an_allocated_job_without_a_receipt_lapses_and_frees_its_node() -> None:
 def test_malformed_offers_are_refused_with_a_reason(body: dict, why: str) -> None:
     h = Harness()
     assert why in h.block(h.tx(BOB, "offer.commit", body))[0]
+
+
+def receipt_body(job_id: bytes, **over: Any) -> dict[str, Any]:
+    body = {"job_id": job_id, "result_hash": b"\x07" * 32, "exit_code": 0, "wall_ms": 1200,
+            "cpu_ms": 1100, "fuel": 0, "peak_memory_mib": 64}
+    body.update(over)
+    return body
+
+
+def test_a_receipt_settles_the_job_pays_the_node_and_refunds_the_rest() -> None:
+    h = Harness({"balances": {str(ALICE.node_id): 500}})
+    h.block(h.tx(BOB, "offer.commit", OFFER))
+    submit = h.tx(ALICE, "job.submit", job_body())
+    h.block(submit)
+    results = h.block(h.tx(ALICE, "job.receipt", receipt_body(submit.tx_id)),
+                      h.tx(BOB, "job.receipt", receipt_body(submit.tx_id, result_hash=b"x")),
+                      h.tx(BOB, "job.receipt", receipt_body(submit.tx_id)),
+                      h.tx(BOB, "job.receipt", receipt_body(submit.tx_id)))
+    assert results[0] == "no job allocated to this node with that id"
+    assert results[1] == "result_hash is 32 bytes"
+    assert results[2] is None
+    assert results[3] == "no job allocated to this node with that id"  # paid once only
+    record = job(h, submit)
+    assert record["state"] == "settled" and record["receipt"]["wall_ms"] == 1200
+    assert [s for s, _ in record["history"]] == ["queued", "allocated", "settled"]
+    assert h.balance(BOB) == 41 and h.balance(ALICE) == 500 - 41
+    used = h.store.read(lambda t: t.get(schema.OFFERS, BOB.node_id.key))["used"]
+    assert used == [0, 0, {}]
+    totals = h.audit()
+    assert totals.escrow == 0 and totals.held() == totals.minted
