@@ -277,6 +277,10 @@ class Chain:
         """[height, index, why rejected or None] of a committed transaction."""
         return self.storage.read(lambda tx: tx.get(schema.TX_RESULTS, tx_id))
 
+    def tx_results(self, tx_ids: list[bytes]) -> dict[bytes, list | None]:
+        """`tx_result` of many transactions, in one read."""
+        return self.storage.read(lambda tx: {t: tx.get(schema.TX_RESULTS, t) for t in tx_ids})
+
     # --- executing ------------------------------------------------------------------------------
 
     def build_block(self, height: int, proposer: bytes, time_ms: int,

@@ -9,7 +9,8 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Callable
+from typing import Any, Mapping, TypeVar
 
 from hmnode import __version__, schema
 from hmnode.chain_node import ChainConfig
@@ -274,20 +275,14 @@ class Agent:
         if height is not None and (isinstance(height, bool) or not isinstance(height, int)
                                    or height < 0):
             raise MethodError("bad_request", "height is a whole number")
-        try:
-            return self.chain.block(height)
-        except HmnodeError as exc:
-            raise MethodError("not_found", str(exc)) from None
+        return _answer(lambda: self.chain.block(height), "not_found")
 
     async def _submit_txs(self, params: Mapping[str, Any]) -> dict[str, Any]:
         txs = params.get("txs")
         if not isinstance(txs, list) or len(txs) > 10_000 or not all(
                 isinstance(t, bytes) for t in txs):
             raise MethodError("bad_request", "txs is a list of at most 10000 encoded transactions")
-        try:
-            return {"results": self.chain.submit(txs)}
-        except HmnodeError as exc:
-            raise MethodError("not_ready", str(exc)) from None
+        return {"results": _answer(lambda: self.chain.submit(txs))}
 
     async def _commits(self, params: Mapping[str, Any]) -> dict[str, Any]:
         after = params.get("after", 0)
@@ -328,16 +323,10 @@ class Agent:
         limit = params.get("limit", 100)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise MethodError("bad_request", "limit is 1..10000")
-        try:
-            return self.chain.jobs(limit)
-        except HmnodeError as exc:
-            raise MethodError("not_ready", str(exc)) from None
+        return _answer(lambda: self.chain.jobs(limit))
 
     async def _ledger(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        try:
-            return self.chain.ledger()
-        except HmnodeError as exc:
-            raise MethodError("not_ready", str(exc)) from None
+        return _answer(self.chain.ledger)
 
     async def _kv_get(self, params: Mapping[str, Any]) -> dict[str, Any]:
         key = params.get("key")
@@ -377,6 +366,17 @@ class Agent:
             "connected_s": round(now - conn.created_at, 3),
             "malformed": self.endpoint.misbehaviour[str(node_id)],
         } for node_id, conn in sorted(self.endpoint.peers.items())]}
+
+
+T = TypeVar("T")
+
+
+def _answer(call: Callable[[], T], code: str = "not_ready") -> T:
+    """What a control method returns from the chain; its refusal as the method's error."""
+    try:
+        return call()
+    except HmnodeError as exc:
+        raise MethodError(code, str(exc)) from None
 
 
 def advertised_addresses(bound: list[tuple], network: tuple[NetInterface, ...]) -> list[str]:

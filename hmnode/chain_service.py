@@ -28,6 +28,7 @@ from hmnode.consensus.validators import ValidatorSet
 from hmnode.env import Env, RealClock
 from hmnode.errors import HmnodeError
 from hmnode.identity import NodeId, NodeKey
+from hmnode.consensus.kvapp import KeyValueApp
 from hmnode.ledger import Ledger
 from hmnode.mesh import Mesh
 from hmnode.state_machine import MeshStateMachine
@@ -273,7 +274,7 @@ class ChainService:
 
     def kv_get(self, key: str) -> bytes | None:
         self._ready()
-        return self.store.read(lambda tx: tx.get(schema.KV, key.encode()))
+        return self.store.read(lambda tx: KeyValueApp().get(tx, key))
 
 
 def job_json(job_id: bytes, record: dict[str, Any]) -> dict[str, Any]:
@@ -298,10 +299,8 @@ def _receipt_json(receipt: dict[str, Any] | None) -> dict[str, Any] | None:
 def block_json(chain: Chain, block: Block, cert: CommitCertificate) -> dict[str, Any]:
     """A block as `hmnode chain --json` shows it."""
     h = block.header
-    results = {}
-    for tx in block.txs:
-        found = chain.tx_result(tx.tx_id)
-        results[tx.tx_id] = None if found is None else found[2]
+    results = {tx_id: None if found is None else found[2]
+               for tx_id, found in chain.tx_results([tx.tx_id for tx in block.txs]).items()}
     validators = chain.validators_at(h.height)
     return {
         "height": h.height, "block_id": block.block_id.hex(), "chain_id": h.chain_id,

@@ -55,7 +55,7 @@ from hmnode.state_machine import MeshStateMachine
 
 from .clock import NodeClock, VirtualClock
 from .gossip import CALM, FaultPlan, Result, schedule_faults
-from .network import SimNetwork
+from .network import SimNetwork, SimProcess
 from .store import SimStore
 
 CHECKERS = ("agreement", "validity", "durability", "liveness", "conservation", "allocation",
@@ -86,7 +86,7 @@ class ChainSimSettings:
     followers: int = 1  # nodes that follow the chain without validating
 
 
-class _SimNode:
+class _SimNode(SimProcess):
     """One simulated node process (a validator, or a follower) over a disk that survives its
     crashes as far as it synced."""
 
@@ -130,18 +130,6 @@ class _SimNode:
         self.node.stop()
         self.disk.crash()
         self.sim.net.crash(self.id)
-
-    def _wrap(self, fn: Callable[[], None]) -> Callable[[], None]:
-        life, net = self.life, self.sim.net
-
-        def call() -> None:
-            if not self.up or self.life != life:
-                return
-            if net.is_paused(self.id):
-                self.sim.clock.call_at(net.paused_until(self.id), call)
-                return
-            self._guard(fn)
-        return call
 
     def _guard(self, step: Callable[[], None]) -> None:
         try:

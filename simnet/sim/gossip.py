@@ -38,7 +38,7 @@ from hmnode.membership import Peer, PeerDead
 from hmnode.schema import KnownPeer
 
 from .clock import EPOCH, NodeClock, VirtualClock
-from .network import NetParams, SimNetwork
+from .network import NetParams, SimNetwork, SimProcess
 from .store import SimStore
 
 CHECKERS = ("convergence", "no_forgery", "view_bounds", "bounded_queues", "no_crash")
@@ -311,7 +311,7 @@ class _ForgetfulNode(GossipNode):
         return None
 
 
-class _Node(GossipObserver):
+class _Node(SimProcess, GossipObserver):
     """One simulated node: a real `GossipNode` in an environment of virtual clock (with this
     node's offset and drift), the shared seeded rng, the simulated network and a SimStore that
     survives crashes as far as it was synced."""
@@ -390,20 +390,6 @@ class _Node(GossipObserver):
             self.join(self.contact)
 
     # --- the environment's callbacks --------------------------------------------------------
-
-    def _wrap(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """`fn` as a callback of this life of the node: dropped once the life ends, held while
-        the node is paused, guarded."""
-        life, net = self.life, self.sim.net
-
-        def call() -> None:
-            if not self.up or self.life != life:
-                return
-            if net.is_paused(self.id):
-                self.sim.clock.call_at(net.paused_until(self.id), call)
-                return
-            self._guard(fn)
-        return call
 
     def _every(self, period: float, fn: Callable[[], None]) -> None:
         clock, rng = self.sim.clock, self.sim.rng

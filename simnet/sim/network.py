@@ -66,6 +66,33 @@ def _canonical(time: float, kind: str, src: str, dst: str, digest: str) -> bytes
     return f"{round(time * 1e6)} {kind} {src} {dst} {digest}\n".encode()
 
 
+class SimProcess:
+    """What every simulated node process shares: its callbacks belong to one life. A subclass
+    has `sim` (with `clock` and `net`), `id`, `up`, `life` and `_guard(step)`."""
+
+    sim: Any
+    id: Hashable
+    up: bool
+    life: int
+
+    def _guard(self, step: Callable[[], None]) -> None:
+        raise NotImplementedError
+
+    def _wrap(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """`fn` as a callback of this life of the node: dropped once the life ends, held while
+        the node is paused, guarded."""
+        life, net = self.life, self.sim.net
+
+        def call() -> None:
+            if not self.up or self.life != life:
+                return
+            if net.is_paused(self.id):
+                self.sim.clock.call_at(net.paused_until(self.id), call)
+                return
+            self._guard(fn)
+        return call
+
+
 @dataclass
 class _Host:
     name: str
