@@ -169,6 +169,15 @@ class RecordingTxn:
         return self._txn.count(table)
 
 
+def read_head(tx: Txn) -> Head:
+    """The last committed block as `tx` sees it (an application reads it while a block
+    executes: the head is then the previous block)."""
+    raw = tx.get(schema.CHAIN, schema.CHAIN_HEAD)
+    if raw is None:
+        raise ChainError("the chain has no genesis yet")
+    return Head(*raw)
+
+
 class Chain:
     """The chain as kept in one node's store, and the one place that executes blocks."""
 
@@ -441,10 +450,7 @@ class Chain:
                               + rec.writes.digest()).digest()
 
     def _read_head(self, tx: Txn) -> Head:
-        raw = tx.get(schema.CHAIN, schema.CHAIN_HEAD)
-        if raw is None:
-            raise ChainError("the chain has no genesis yet")
-        return Head(*raw)
+        return read_head(tx)
 
     def _speculate(self, fn: Callable[[Txn], Any]) -> Any:
         """Run `fn` in a write transaction that is always rolled back; its outcome is what it

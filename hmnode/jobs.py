@@ -4,16 +4,18 @@ books: escrow, capacity in use, job states and their history).
 
 A job's life: queued (its maximum price held in escrow) -> allocated (to a node, at a cost) or
 expired (its deadline passed while it waited) or cancelled (by its owner while it waited); an
-allocated job is settled by its node's receipt (the node is paid its cost from the escrow) or
-lapses when its deadline passes first. Whatever is left of the escrow goes back to the owner.
+allocated job is settled by its node's receipt (the node is paid for the work it measured, at
+the offer's price, at most the cost fixed at allocation) or lapses when its deadline passes
+first. Whatever is left of the escrow goes back to the owner.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from hmnode import schema
-from hmnode.allocation import Free, Job, Offer, Price, allocate
+from hmnode.allocation import Free, Job, Offer, Price, allocate, cost
 from hmnode.env import Txn
 from hmnode.ledger import Ledger, LedgerRefused
 
@@ -137,10 +139,22 @@ class JobBook:
         if isinstance(exit_code, bool) or not isinstance(exit_code, int) or not \
                 -(1 << 31) <= exit_code < (1 << 31):
             raise LedgerRefused("exit_code is a 32-bit integer")
-        self.ledger.pay(job_id, node, record["cost"])
+        paid = self.earned(record, measured["wall_ms"])
+        self.ledger.pay(job_id, node, paid)
         record["receipt"] = {"result_hash": result, "exit_code": exit_code, **measured,
-                             "height": height}
+                             "height": height, "paid": paid}
         self._end(job_id, record, "settled", height)
+
+    @staticmethod
+    def earned(record: dict, wall_ms: int) -> int:
+        """What the node earns for a job that ran `wall_ms`: the start fee and its resources
+        for the time it measured (in whole seconds, at least one), never more than the cost
+        the allocation fixed; a job that ran its whole duration earns exactly that cost."""
+        job = _job_from(b"", record["spec"])
+        seconds = max(1, min(job.duration_s, -(-wall_ms // 1000)))
+        measured = Job(job.job_id, job.cores, job.memory_mib, job.runtime, seconds,
+                       job.max_price, job.gpu_count, job.gpu_model)
+        return min(record["cost"], cost(measured, Price(*record["price"])))
 
     def cancel(self, owner: bytes, job_id: Any, height: int) -> None:
         record = self.txn.get(schema.JOBS, job_id) if isinstance(job_id, bytes) else None
@@ -152,8 +166,14 @@ class JobBook:
 
     # --- once per block -------------------------------------------------------------------------
 
-    def end_block(self, height: int) -> None:
-        """Lapse and expire what is overdue, then allocate what waits."""
+    def offering_nodes(self) -> list[bytes]:
+        """Every node with an offer committed."""
+        return [node for node, _ in self.txn.items(schema.OFFERS)]
+
+    def end_block(self, height: int,
+                  unavailable: Callable[[bytes], str | None] | None = None) -> None:
+        """Lapse and expire what is overdue, then allocate what waits to the offers of nodes
+        that are live (`unavailable(node)` says why one is not)."""
         for key, job_id in list(self.txn.items(schema.JOB_INDEX)):
             record = self.txn.get(schema.JOBS, job_id)
             if record["deadline"] <= height:
@@ -162,20 +182,32 @@ class JobBook:
                   self.txn.items(schema.JOB_INDEX) if key[:1] == QUEUED][:MAX_QUEUED_PER_BLOCK]
         if not queued:
             return
-        offers, free = [], {}
+        offers, free, held_back = [], {}, {}
         for node, held in self.txn.items(schema.OFFERS):
             offer = _offer_from(node, held["offer"])
+            why = unavailable(node) if unavailable is not None else None
+            if why is not None:
+                held_back[node] = why
+                continue
             used = held["used"]
             offers.append(offer)
             free[node] = Free(offer.cores - used[0], offer.memory_mib - used[1],
                               {m: n - used[2].get(m, 0) for m, n in offer.gpus})
         jobs = [_job_from(job_id, record["spec"]) for job_id, record in queued]
         placements, reasons = allocate(offers, free, jobs, height)
+        if held_back:
+            # The user should learn that nodes exist but are held back, and why.
+            node, why = min(held_back.items())
+            note = f" ({len(held_back)} offer{'s' if len(held_back) > 1 else ''} held back: " \
+                   f"node {node.hex()[:8]}: {why})"
+            reasons = {job_id: reason + note for job_id, reason in reasons.items()}
         records = dict(queued)
+        prices = {o.node: o.price for o in offers}
         for p in placements:
             record = records[p.job_id]
             record.update(state="allocated", node=p.node, cost=p.cost, reason=None,
-                          gpu=self._gpu_model(p.node, record["spec"]))
+                          gpu=self._gpu_model(p.node, record["spec"]),
+                          price=_price_wire(prices[p.node]))
             record["history"].append(["allocated", height])
             self.txn.put(schema.JOBS, p.job_id, record)
             self.txn.delete(schema.JOB_INDEX, _queued_key(record["seq"], p.job_id))
@@ -228,10 +260,12 @@ def _queued_key(seq: int, job_id: bytes) -> bytes:
     return QUEUED + seq.to_bytes(8, "big") + job_id
 
 
+def _price_wire(p: Price) -> list:
+    return [p.core_hour, p.gib_hour, p.gpu_hour, p.start_fee]
+
+
 def _offer_wire(o: Offer) -> list:
-    p = o.price
-    return [o.cores, o.memory_mib, list(o.runtimes),
-            [p.core_hour, p.gib_hour, p.gpu_hour, p.start_fee], o.expires_height,
+    return [o.cores, o.memory_mib, list(o.runtimes), _price_wire(o.price), o.expires_height,
             [list(g) for g in o.gpus]]
 
 

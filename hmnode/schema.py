@@ -239,11 +239,14 @@ SLASHED: Table[bytes, int] = Table("slashed", BytesKey, AnyCodec())
 OFFERS: Table[bytes, dict] = Table("offers", BytesKey, AnyCodec())
 JOBS: Table[bytes, dict] = Table("jobs", BytesKey, AnyCodec())
 JOB_INDEX: Table[bytes, bytes] = Table("job_index", BytesKey, AnyCodec())
+# Registered nodes (hmnode.registry): {"registered": height, "plot": plot commitment (wire),
+# "answered": the last beacon period its space proof answered, "suspended": why, or None}.
+NODES: Table[bytes, dict] = Table("nodes", BytesKey, AnyCodec())
 
 TABLES: tuple[Table, ...] = (META, RUNS, EVENTS, INVENTORY, PEERS, ADVERTS, CHAIN, BLOCKS,
                              CERTIFICATES, TX_RESULTS, NONCES, VALIDATOR_SETS, SIGNER, EVIDENCE,
                              KV, KV_POWER, LEDGER_ACCOUNTS, LEDGER_UNBONDING, LEDGER_ESCROW,
-                             LEDGER_TOTALS, STATE, SLASHED, OFFERS, JOBS, JOB_INDEX)
+                             LEDGER_TOTALS, STATE, SLASHED, OFFERS, JOBS, JOB_INDEX, NODES)
 
 # Keys of the meta table.
 META_SCHEMA_VERSION = "schema_version"

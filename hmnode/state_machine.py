@@ -12,20 +12,26 @@ Transactions (kind: body):
   `unbonding_blocks` and stays slashable until then
 - `stake.slash`: {"evidence": an encoded Equivocation}: burns a share of the offender's stake
   and removes it from the validator set from the next epoch
-- `offer.commit`: what the sender's node shares and at what price (see `hmnode.jobs`);
-  `offer.withdraw`: {}
+- `node.register`: {"work": an encoded WorkProof, "plot": an encoded PlotCommitment}: admits
+  the sender (see `hmnode.registry`)
+- `beacon.publish`: {"proof": an encoded TimeProof over the awaited period's seed}
+- `space.answer`: {"proof": an encoded SpaceProof for the current beacon}
+- `offer.commit`: what the sender's node shares and at what price (see `hmnode.jobs`), with
+  "proofs": an encoded ProofBundle of space (the current beacon) and stake; only from a
+  registered node; `offer.withdraw`: {}
 - `job.submit`: a job spec; its maximum price is held in escrow; `job.cancel`: {"job_id"}
 - `job.receipt`: {"job_id", "result_hash", "exit_code", "wall_ms", "cpu_ms", "fuel",
   "peak_memory_mib"} from the node the job was allocated to: it is paid, the rest refunded
 - `kv.put` / `kv.delete`: as in `hmnode.consensus.kvapp`
 
-At the end of every block, matured unbondings are paid and pending jobs are allocated to
-offers (`hmnode.jobs`, `hmnode.allocation`).
+At the end of every block, matured unbondings are paid, a new beacon period starts where one
+is due, offering nodes that missed their space challenge are suspended, and pending jobs are
+allocated to the offers of live nodes (`hmnode.jobs`, `hmnode.allocation`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 from hmnode import schema
@@ -35,14 +41,17 @@ from hmnode.consensus.messages import (ID_BYTES, Equivocation, MessageRejected, 
                                        check_equivocation)
 from hmnode.env import Txn
 from hmnode.identity import NodeId
-from hmnode.jobs import JobBook
+from hmnode.consensus.vdf import VDF_PARAMS
+from hmnode.jobs import JobBook, parse_offer
 from hmnode.ledger import Ledger, LedgerParams, LedgerRefused, MAX_AMOUNT
+from hmnode.registry import NodeRegistry, RegistryRules
 
 PARAMS_KEY = "params"
 JAILED_KEY = "jailed"
 KV_KINDS = ("kv.put", "kv.delete")
 KINDS = ("ledger.transfer", "ledger.faucet", "stake.bond", "stake.unbond", "stake.slash",
-         "offer.commit", "offer.withdraw", "job.submit", "job.cancel", "job.receipt") + KV_KINDS
+         "node.register", "beacon.publish", "space.answer", "offer.commit", "offer.withdraw",
+         "job.submit", "job.cancel", "job.receipt") + KV_KINDS
 
 
 @dataclass(frozen=True)
@@ -53,20 +62,45 @@ class StateParams:
     slash_numerator: int = 1
     slash_denominator: int = 20
     faucet_max: int = 0  # the most one faucet transaction may mint; 0: no faucet
+    # Admission and liveness (`hmnode.registry`): the registration's proof of work, the
+    # smallest plot, how often a beacon draws space challenges and how long a node has to
+    # answer, the proof of time's parameter set, and the stake an offer must prove.
+    work_bits: int = 20
+    min_plot_labels: int = 1024
+    beacon_blocks: int = 100
+    answer_blocks: int = 20
+    vdf_version: int = 1
+    offer_min_stake: int = 1
 
     def ledger(self) -> LedgerParams:
         return LedgerParams(self.unbonding_blocks, self.slash_numerator, self.slash_denominator)
 
+    def registry(self) -> RegistryRules:
+        return RegistryRules(self.work_bits, self.min_plot_labels, self.beacon_blocks,
+                             self.answer_blocks, self.vdf_version)
+
     @classmethod
     def from_app_state(cls, app_state: Any) -> "StateParams":
+        """The rules a genesis's app_state sets (every key optional); ValueError if bad."""
         state = app_state if isinstance(app_state, dict) else {}
-        slash = state.get("slash", [1, 20])
-        params = cls(int(state.get("unbonding_blocks", 100)), int(slash[0]), int(slash[1]),
-                     int(state.get("faucet_max", 0)))
+        defaults = cls()
+        try:
+            slash = state.get("slash", [1, 20])
+            params = cls(int(state.get("unbonding_blocks", 100)), int(slash[0]), int(slash[1]),
+                         *(int(state.get(name, getattr(defaults, name))) for name in (
+                             "faucet_max", "work_bits", "min_plot_labels", "beacon_blocks",
+                             "answer_blocks", "vdf_version", "offer_min_stake")))
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise ValueError("genesis app_state has a rule that is not a whole number") from None
         if not (1 <= params.unbonding_blocks <= 10_000_000
                 and 0 <= params.slash_numerator <= params.slash_denominator
-                and params.slash_denominator >= 1 and 0 <= params.faucet_max <= MAX_AMOUNT):
-            raise ValueError(f"genesis app_state has bad ledger rules: {params}")
+                and params.slash_denominator >= 1 and 0 <= params.faucet_max <= MAX_AMOUNT
+                and 1 <= params.work_bits <= 40 and 1 <= params.min_plot_labels <= 1 << 26
+                and 2 <= params.beacon_blocks <= 1_000_000
+                and 1 <= params.answer_blocks < params.beacon_blocks
+                and params.vdf_version in VDF_PARAMS
+                and 1 <= params.offer_min_stake <= MAX_AMOUNT):
+            raise ValueError(f"genesis app_state has bad rules: {params}")
         return params
 
 
@@ -87,8 +121,8 @@ class MeshStateMachine:
         """Genesis: the rules, the validators' stake (their power, in credits) and the initial
         balances ({"balances": {node id: credits}} in the app state)."""
         params = StateParams.from_app_state(genesis.app_state)
-        txn.put(schema.STATE, PARAMS_KEY, [params.unbonding_blocks, params.slash_numerator,
-                                           params.slash_denominator, params.faucet_max])
+        txn.put(schema.STATE, PARAMS_KEY, list(astuple(params)))
+        NodeRegistry(txn, params.registry()).init(genesis.chain_id, genesis.genesis_id)
         ledger = Ledger(txn, params.ledger())
         for key, power in genesis.validators.members:
             ledger.mint(key, power)
@@ -138,7 +172,17 @@ class MeshStateMachine:
                 ledger.unbond(tx.sender, _amount(body), height)
             elif tx.kind == "stake.slash":
                 self._slash(txn, ledger, tx, height)
+            elif tx.kind == "node.register":
+                NodeRegistry(txn, params.registry()).register(tx.sender, body, height)
+            elif tx.kind == "beacon.publish":
+                NodeRegistry(txn, params.registry()).publish(body, height)
+            elif tx.kind == "space.answer":
+                NodeRegistry(txn, params.registry()).answer(tx.sender, body)
             elif tx.kind == "offer.commit":
+                # Capacity first: a malformed offer is refused before any proof is checked.
+                parse_offer(tx.sender, body, height)
+                NodeRegistry(txn, params.registry()).check_offer(
+                    tx.sender, body, ledger, height, params.offer_min_stake)
                 JobBook(txn, ledger).commit_offer(tx.sender, body, height)
             elif tx.kind == "offer.withdraw":
                 JobBook(txn, ledger).withdraw_offer(tx.sender)
@@ -174,9 +218,14 @@ class MeshStateMachine:
         return [bytes(k) for k in txn.get(schema.STATE, JAILED_KEY, [])]
 
     def end_block(self, txn: Txn, height: int) -> None:
-        ledger = Ledger(txn, self.params(txn).ledger())
+        params = self.params(txn)
+        ledger = Ledger(txn, params.ledger())
         ledger.release(height)
-        JobBook(txn, ledger).end_block(height)
+        registry = NodeRegistry(txn, params.registry())
+        book = JobBook(txn, ledger)
+        registry.end_block(height, book.offering_nodes)
+        book.end_block(height, lambda node: registry.unavailable(node, ledger,
+                                                                  params.offer_min_stake))
 
     def validators(self, txn: Txn) -> list[tuple[bytes, int]] | None:
         """Everyone with stake and not jailed, with power equal to its stake."""

@@ -4,6 +4,8 @@ equivocator out of the validator set at the next epoch."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from random import Random
 from typing import Any
 
@@ -16,7 +18,10 @@ from hmnode.consensus.messages import (PRECOMMIT, PREVOTE, CommitCertificate, Eq
                                        sign_tx, sign_vote)
 from hmnode.consensus.validators import ValidatorSet
 from hmnode.identity import NodeKey
+from hmnode.consensus.space import Plot
 from hmnode.ledger import Ledger
+from hmnode.prover import NodeProver, publish_beacon
+from hmnode.registry import Beacon, NodeRegistry
 from hmnode.simnet.sim.store import SimStore
 from hmnode.state_machine import MeshStateMachine
 
@@ -26,17 +31,52 @@ VALIDATOR, OTHER, ALICE, BOB = (NodeKey(nacl.signing.SigningKey(rng.randbytes(32
 CHAIN = "sm"
 
 
+# Rules that keep proofs cheap in tests: an 8-bit proof of work, 16-label plots, the test VDF,
+# a beacon every 10 blocks answered within 3.
+TEST_RULES = {"work_bits": 8, "min_plot_labels": 16, "beacon_blocks": 10, "answer_blocks": 3,
+              "vdf_version": 0}
+OFFERER_FUNDS = 10  # what each offering node gets at genesis, and bonds when it joins
+
+
 class Harness:
     """A one-validator chain whose blocks the test makes and commits."""
 
     def __init__(self, app_state: Any = None, epoch_blocks: int = 100,
-                 validators: tuple[NodeKey, ...] = (VALIDATOR,)) -> None:
+                 validators: tuple[NodeKey, ...] = (VALIDATOR,),
+                 offerers: tuple[NodeKey, ...] = ()) -> None:
         self.store = SimStore()
         self.chain = Chain(self.store, MeshStateMachine())
         self.validators = validators
+        state = dict(TEST_RULES, **(app_state or {}))
+        state["balances"] = dict(state.get("balances", {}),
+                                 **{str(k.node_id): OFFERER_FUNDS for k in offerers})
         self.chain.init_genesis(Genesis(CHAIN, 1, ValidatorSet.of(
-            (k.node_id.key, 1000) for k in validators), epoch_blocks, app_state))
+            (k.node_id.key, 1000) for k in validators), epoch_blocks, state))
         self.nonces: dict[bytes, int] = {}
+        self._plots = tempfile.TemporaryDirectory()
+        self.provers: dict[bytes, NodeProver] = {}
+
+    def prover(self, key: NodeKey, n_labels: int = 16) -> NodeProver:
+        """`key`'s node with a plot of `n_labels` (made once per harness)."""
+        if key.node_id.key not in self.provers:
+            plot = Plot.create(Path(self._plots.name) / key.node_id.key.hex(), key.node_id.key,
+                               n_labels)
+            self.provers[key.node_id.key] = NodeProver(key, plot)
+        return self.provers[key.node_id.key]
+
+    def join(self, key: NodeKey) -> None:
+        """Register `key`'s node and bond its genesis funds, so that it can offer."""
+        assert self.block(self.tx(key, "node.register", self.prover(key).register(CHAIN, 8)),
+                          self.tx(key, "stake.bond", {"amount": OFFERER_FUNDS})) == [None, None]
+
+    def beacon(self) -> Beacon:
+        return self.store.read(lambda t: NodeRegistry(t).beacon())
+
+    def offer(self, key: NodeKey, body: dict[str, Any], stake: int = OFFERER_FUNDS) -> Any:
+        """An offer.commit from `key` with its proofs for the current beacon."""
+        head = self.chain.head().height
+        proofs = self.prover(key).offer_proofs(CHAIN, self.beacon().value, stake, head)
+        return self.tx(key, "offer.commit", dict(body, proofs=proofs))
 
     def tx(self, key: NodeKey, kind: str, body: Any) -> Any:
         n = self.nonces[key.node_id.key] = self.nonces.get(key.node_id.key, 0) + 1
@@ -135,9 +175,11 @@ def test_slashing_burns_and_jails_at_the_next_epoch() -> None:
 
 
 @pytest.mark.parametrize("app_state", [{"slash": [3, 2]}, {"unbonding_blocks": 0},
-                                       {"faucet_max": -1}])
+                                       {"faucet_max": -1}, {"work_bits": 0},
+                                       {"vdf_version": 7}, {"answer_blocks": 10},
+                                       {"offer_min_stake": 0}])
 def test_bad_genesis_rules_are_refused(app_state: Any) -> None:
-    with pytest.raises(GenesisError, match="ledger rules"):
+    with pytest.raises(GenesisError, match="bad rules"):
         Harness(app_state)
 
 
@@ -159,9 +201,17 @@ def job(h: Harness, tx: Any) -> dict[str, Any]:
     return h.store.read(lambda t: t.get(schema.JOBS, tx.tx_id))
 
 
+def offering(app_state: Any = None) -> Harness:
+    """A chain where ALICE has 500 credits and BOB has joined, ready to offer."""
+    h = Harness(dict({"balances": {str(ALICE.node_id): 500}}, **(app_state or {})),
+                offerers=(BOB,))
+    h.join(BOB)
+    return h
+
+
 def test_a_job_is_allocated_to_an_offer_with_its_escrow_held() -> None:
-    h = Harness({"balances": {str(ALICE.node_id): 500}})
-    assert h.block(h.tx(BOB, "offer.commit", OFFER)) == [None]
+    h = offering()
+    assert h.block(h.offer(BOB, OFFER)) == [None]
     submit = h.tx(ALICE, "job.submit", job_body())
     assert h.block(submit) == [None]
     record = job(h, submit)
@@ -174,8 +224,8 @@ def test_a_job_is_allocated_to_an_offer_with_its_escrow_held() -> None:
 
 
 def test_a_job_that_fits_nowhere_waits_with_a_reason_then_expires_refunded() -> None:
-    h = Harness({"balances": {str(ALICE.node_id): 500}})
-    h.block(h.tx(BOB, "offer.commit", OFFER))
+    h = offering()
+    h.block(h.offer(BOB, OFFER))
     submit = h.tx(ALICE, "job.submit", job_body(gpu_count=1, deadline_height=5))
     h.block(submit)
     record = job(h, submit)
@@ -187,7 +237,7 @@ def test_a_job_that_fits_nowhere_waits_with_a_reason_then_expires_refunded() -> 
 
 
 def test_cancel_and_the_refusals_around_it() -> None:
-    h = Harness({"balances": {str(ALICE.node_id): 500}})
+    h = offering()
     queued = h.tx(ALICE, "job.submit", job_body())
     h.block(queued)  # no offer: it waits
     assert job(h, queued)["reason"] == "no node offers anything right now"
@@ -201,15 +251,15 @@ def test_cancel_and_the_refusals_around_it() -> None:
 
 
 def test_an_allocated_job_without_a_receipt_lapses_and_frees_its_node() -> None:
-    h = Harness({"balances": {str(ALICE.node_id): 500}})
-    h.block(h.tx(BOB, "offer.commit", OFFER))
+    h = offering()
+    h.block(h.offer(BOB, OFFER))
     first = h.tx(ALICE, "job.submit", job_body(cores=8, deadline_height=4))
     second = h.tx(ALICE, "job.submit", job_body(cores=8, deadline_height=20))
     h.block(first, second)
     assert job(h, first)["state"] == "allocated"
     assert job(h, second)["reason"] == "every node that could run it is busy; it waits for capacity"
     shrink = dict(OFFER, cores=4)
-    assert h.block(h.tx(BOB, "offer.commit", shrink), h.tx(BOB, "offer.withdraw", {})) == [
+    assert h.block(h.offer(BOB, shrink), h.tx(BOB, "offer.withdraw", {})) == [
         "the offer would be smaller than what its running jobs use",
         "jobs are running on this offer; it can only be withdrawn once they end"]
     h.block()
@@ -227,20 +277,20 @@ def test_an_allocated_job_without_a_receipt_lapses_and_frees_its_node() -> None:
     (dict(OFFER, price="cheap"), "price is a map"),
 ])
 def test_malformed_offers_are_refused_with_a_reason(body: dict, why: str) -> None:
-    h = Harness()
-    assert why in h.block(h.tx(BOB, "offer.commit", body))[0]
+    h = offering()
+    assert why in h.block(h.offer(BOB, body))[0]
 
 
 def receipt_body(job_id: bytes, **over: Any) -> dict[str, Any]:
-    body = {"job_id": job_id, "result_hash": b"\x07" * 32, "exit_code": 0, "wall_ms": 1200,
+    body = {"job_id": job_id, "result_hash": b"\x07" * 32, "exit_code": 0, "wall_ms": 3_600_000,
             "cpu_ms": 1100, "fuel": 0, "peak_memory_mib": 64}
     body.update(over)
     return body
 
 
 def test_a_receipt_settles_the_job_pays_the_node_and_refunds_the_rest() -> None:
-    h = Harness({"balances": {str(ALICE.node_id): 500}})
-    h.block(h.tx(BOB, "offer.commit", OFFER))
+    h = offering()
+    h.block(h.offer(BOB, OFFER))
     submit = h.tx(ALICE, "job.submit", job_body())
     h.block(submit)
     results = h.block(h.tx(ALICE, "job.receipt", receipt_body(submit.tx_id)),
@@ -252,10 +302,119 @@ def test_a_receipt_settles_the_job_pays_the_node_and_refunds_the_rest() -> None:
     assert results[2] is None
     assert results[3] == "no job allocated to this node with that id"  # paid once only
     record = job(h, submit)
-    assert record["state"] == "settled" and record["receipt"]["wall_ms"] == 1200
+    assert record["state"] == "settled" and record["receipt"]["wall_ms"] == 3_600_000
     assert [s for s, _ in record["history"]] == ["queued", "allocated", "settled"]
     assert h.balance(BOB) == 41 and h.balance(ALICE) == 500 - 41
     used = h.store.read(lambda t: t.get(schema.OFFERS, BOB.node_id.key))["used"]
     assert used == [0, 0, {}]
     totals = h.audit()
     assert totals.escrow == 0 and totals.held() == totals.minted
+
+
+def test_a_short_run_is_paid_for_the_time_it_measured_and_the_rest_refunded() -> None:
+    h = offering()
+    h.block(h.offer(BOB, OFFER))
+    submit = h.tx(ALICE, "job.submit", job_body())
+    h.block(submit)
+    assert h.block(h.tx(BOB, "job.receipt", receipt_body(submit.tx_id, wall_ms=90_001))) == [None]
+    # 4 cores at 10 an hour for 91 whole seconds (1.01 credits, rounded up to 2) plus the fee.
+    assert job(h, submit)["receipt"]["paid"] == 3
+    assert h.balance(BOB) == 3 and h.balance(ALICE) == 497
+    h.audit()
+
+
+# --- registration, beacons and space challenges --------------------------------------------------
+
+def test_registration_needs_the_nodes_own_work_and_plot() -> None:
+    h = Harness(offerers=(BOB,))
+    good = h.prover(BOB).register(CHAIN, 8)
+    other_chain = h.prover(BOB).register("another-chain", 8)
+    alices = h.prover(ALICE).register(CHAIN, 8)
+    small = NodeProver(BOB, Plot.create(Path(h._plots.name) / "small", BOB.node_id.key, 8))
+    results = h.block(h.tx(BOB, "offer.commit", dict(OFFER, proofs=b"")),
+                      h.tx(BOB, "node.register", other_chain),
+                      h.tx(BOB, "node.register", alices),
+                      h.tx(BOB, "node.register", dict(good, plot=alices["plot"])),
+                      h.tx(BOB, "node.register", small.register(CHAIN, 8)),
+                      h.tx(BOB, "node.register", {"work": b"junk", "plot": good["plot"]}),
+                      h.tx(BOB, "node.register", good),
+                      h.tx(BOB, "node.register", good))
+    assert "not registered: send node.register first" in results[0]
+    assert "work proof" in results[1] and "work proof" in results[2]
+    assert "not this node's plot" in results[3]
+    assert "plot has 8 labels; this chain asks for at least 16" in results[4]
+    assert "registration refused" in results[5]
+    assert results[6] is None and "already registered" in results[7]
+
+
+def test_an_offer_must_prove_its_space_and_stake() -> None:
+    h = offering({"offer_min_stake": 5})
+    prover, head = h.prover(BOB), h.chain.head().height
+    beacon = h.beacon().value
+    stale = prover.offer_proofs(CHAIN, b"\x09" * 32, OFFERER_FUNDS, head)
+    too_much = prover.offer_proofs(CHAIN, beacon, OFFERER_FUNDS + 1, head)
+    too_little = prover.offer_proofs(CHAIN, beacon, 4, head)
+    alices = NodeProver(ALICE, prover.plot).offer_proofs(CHAIN, beacon, OFFERER_FUNDS, head)
+    results = h.block(*(h.tx(BOB, "offer.commit", dict(OFFER, proofs=p))
+                        for p in (stale, too_much, too_little, alices, b"\x00")))
+    assert "another (stale or future) beacon" in results[0]
+    assert "claims 11 credits locked" in results[1]
+    assert "proves 4 credits staked; this chain asks offers for at least 5" in results[2]
+    assert "stake proof is another node's" in results[3]
+    assert "offer refused" in results[4]
+    assert h.store.read(lambda t: t.get(schema.OFFERS, BOB.node_id.key)) is None
+    assert h.block(h.offer(BOB, OFFER)) == [None]
+
+
+def test_a_node_that_misses_its_space_challenge_is_suspended_until_it_answers() -> None:
+    h = offering()
+    h.block(h.offer(BOB, OFFER))
+    while h.chain.head().height < 10:
+        h.block()
+    beacon = h.beacon()
+    assert beacon.period == 1 and beacon.awaited  # height 10 started period 1
+    wrong = publish_beacon(b"\x05" * 32, 0)
+    assert "not the beacon of period 1" in h.block(h.tx(ALICE, "beacon.publish", wrong))[0]
+    right = publish_beacon(beacon.seed, 0)
+    assert h.block(h.tx(ALICE, "beacon.publish", right),
+                   h.tx(VALIDATOR, "beacon.publish", right)) == [
+        None, "the beacon of period 1 is already published"]
+    published = h.beacon()
+    assert published.value_period == 1 and published.value != beacon.value
+    assert published.due == 12 + 3
+    while h.chain.head().height < published.due:
+        h.block()
+    submit = h.tx(ALICE, "job.submit", job_body(deadline_height=40))
+    h.block(submit)
+    record = job(h, submit)
+    assert record["state"] == "queued"
+    assert "held back" in record["reason"] and "missed the space challenge of beacon period 1" \
+        in record["reason"]
+    # An answer to the old beacon does not count; the current one does, once.
+    stale = {"proof": h.prover(BOB).plot.prove(beacon.value).encode()}
+    answer = h.prover(BOB).answer(published.value)
+    assert h.block(h.tx(BOB, "space.answer", stale), h.tx(BOB, "space.answer", answer),
+                   h.tx(BOB, "space.answer", answer))[0::2] == [
+        "space answer refused: space proof answers another (stale or future) beacon",
+        "this node already answered the beacon of period 1"]
+    assert job(h, submit)["state"] == "allocated"  # live again at the end of that block
+
+
+def test_a_node_without_enough_stake_is_held_back() -> None:
+    h = offering()
+    h.block(h.offer(BOB, OFFER), h.tx(BOB, "stake.unbond", {"amount": OFFERER_FUNDS}))
+    submit = h.tx(ALICE, "job.submit", job_body())
+    h.block(submit)
+    assert "its stake (0) is below the 1 an offer needs" in job(h, submit)["reason"]
+
+
+def test_a_new_plot_must_answer_before_its_node_gets_work_again() -> None:
+    h = offering()
+    h.block(h.offer(BOB, OFFER))
+    bigger = NodeProver(BOB, Plot.create(Path(h._plots.name) / "bigger", BOB.node_id.key, 32))
+    assert h.block(h.tx(BOB, "node.register", bigger.register(CHAIN, 8))) == [None]
+    submit = h.tx(ALICE, "job.submit", job_body())
+    h.block(submit)
+    assert "its plot changed" in job(h, submit)["reason"]
+    assert h.block(h.tx(BOB, "space.answer", bigger.answer(h.beacon().value))) == [None]
+    assert job(h, submit)["state"] == "allocated"

@@ -238,6 +238,7 @@ RECORDS = {
     "offers": (st.binary(min_size=32, max_size=32), st.dictionaries(texts, msgpack_scalars, max_size=3)),
     "jobs": (st.binary(min_size=32, max_size=32), st.dictionaries(texts, msgpack_scalars, max_size=5)),
     "job_index": (st.binary(min_size=1, max_size=41), st.binary(max_size=32)),
+    "nodes": (st.binary(min_size=32, max_size=32), st.dictionaries(texts, msgpack_scalars, max_size=4)),
 }
 
 
