@@ -15,11 +15,6 @@ from typing import Any, Mapping, TypeVar
 from hmnode import __version__, schema
 from hmnode.chain_node import ChainConfig
 from hmnode.chain_service import ChainService
-
-# What a user may have this node sign through the control API (`hmnode stake`, ...).
-OWN_TX_KINDS = ("ledger.transfer", "ledger.faucet", "stake.bond", "stake.unbond", "kv.put",
-                "kv.delete", "offer.commit", "offer.withdraw", "job.submit", "job.cancel",
-                "job.receipt")
 from hmnode.config import Config, PeerAddress, write_config
 from hmnode.control import ControlServer, MethodError
 from hmnode.datadir import DataDir
@@ -37,7 +32,15 @@ from hmnode.transport.traversal import NatTraversal, TraversalConfig
 
 log = logging.getLogger(__name__)
 
+# What a user may have this node sign through the control API (`hmnode stake`, ...). An
+# offer without proofs gets this node's (registering it first where needed).
+OWN_TX_KINDS = ("ledger.transfer", "ledger.faucet", "stake.bond", "stake.unbond", "kv.put",
+                "kv.delete", "offer.commit", "offer.withdraw", "job.submit", "job.cancel",
+                "job.receipt")
+
 SHUTDOWN_GRACE_S = 4.0
+# How long an offer waits for this node's registration to commit, when it has to register.
+OFFER_REGISTER_WAIT_S = 30.0
 # What is left after the supervisor's grace gets this much longer before the loop is closed,
 # so that SIGTERM to exit stays within 5 s.
 LEFTOVER_WAIT_S = 0.4
@@ -116,7 +119,8 @@ class Agent:
         self.mesh.traversal = self.traversal
         self.chain = ChainService(key, store, self.endpoint, self.mesh, config.chain_genesis,
                                   config.bootstrap,
-                                  ChainConfig(empty_block_s=config.chain_empty_block_s))
+                                  ChainConfig(empty_block_s=config.chain_empty_block_s),
+                                  data_dir.path)
         self.control = ControlServer(data_dir.control_socket, {
             "status": self._status,
             "assets": self._assets,
@@ -305,14 +309,18 @@ class Agent:
 
     async def _own_tx(self, kind: str, body: dict[str, Any], wait: Any) -> dict[str, Any]:
         """Sign a transaction with this node's key, submit it, and wait for its commit."""
+        waiting = float(wait) if isinstance(wait, (int, float)) and not isinstance(wait, bool) \
+            else 0.0
         try:
+            if kind == "offer.commit" and "proofs" not in body:
+                body = await self.chain.prepare_offer(body, max(waiting, OFFER_REGISTER_WAIT_S))
             tx = self.chain.sign_and_submit(kind, body)
         except HmnodeError as exc:
             raise MethodError("refused", str(exc)) from None
         answer: dict[str, Any] = {"tx_id": tx.tx_id.hex(), "nonce": tx.nonce, "kind": kind}
-        if isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0:
+        if waiting > 0:
             try:
-                await self.chain.wait_committed(tx.tx_id, float(wait))
+                await self.chain.wait_committed(tx.tx_id, waiting)
             except TimeoutError:
                 raise MethodError("timeout", f"transaction {tx.tx_id.hex()} was not committed "
                                              f"within {wait:g} s; it may still be") from None

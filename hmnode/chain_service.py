@@ -31,6 +31,7 @@ from hmnode.identity import NodeId, NodeKey
 from hmnode.consensus.kvapp import KeyValueApp
 from hmnode.ledger import Ledger
 from hmnode.mesh import Mesh
+from hmnode.proof_keeper import OfferNotReady, ProofKeeper
 from hmnode.state_machine import MeshStateMachine
 from hmnode.store import Store
 from hmnode.transport.connection import PeerConnection, RemoteError, TransportError
@@ -44,6 +45,7 @@ MAX_WAITERS = 10_000
 # A lone node's chain, and `hmnode simnet up`'s, is a local mesh: it has a faucet.
 LOCAL_APP_STATE = {"faucet_max": 1_000_000}
 COMMITS_KEPT = 4_096
+PROOF_CHECK_S = 2.0  # how often the node looks for a beacon or challenge it must answer
 
 
 def load_genesis(path: Path) -> Genesis:
@@ -69,9 +71,12 @@ class ChainService:
 
     def __init__(self, key: NodeKey, store: Store, endpoint: Endpoint, mesh: Mesh,
                  genesis_path: Path | None, bootstrap: tuple[PeerAddress, ...],
-                 config: ChainConfig = ChainConfig()) -> None:
+                 config: ChainConfig = ChainConfig(), data_dir: Path | None = None) -> None:
         self.key = key
         self.store = store
+        # Where this node's plot lives; without one it proves nothing (and cannot offer).
+        self.data_dir = data_dir
+        self.keeper: ProofKeeper | None = None
         self.endpoint = endpoint
         self.mesh = mesh
         self.genesis_path = genesis_path
@@ -100,10 +105,63 @@ class ChainService:
                  "validating" if self.node.is_validator() else "following",
                  extra={"event": "chain_started", "chain_id": chain.chain_id,
                         "height": head.height})
+        keeping = None
+        if self.data_dir is not None:
+            self.keeper = ProofKeeper(self.key, chain, self.data_dir)
+            keeping = asyncio.create_task(self._keep_proofs(self.keeper))
         try:
             await asyncio.Event().wait()
         finally:
+            if keeping is not None:
+                keeping.cancel()
             self.node.stop()
+
+    async def _keep_proofs(self, keeper: ProofKeeper) -> None:
+        """Make and submit the proofs the chain asks of this node (beacons, space answers);
+        the work and the VDF take seconds of CPU, so they run off the event loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(PROOF_CHECK_S)
+            try:
+                tasks = keeper.due(time.monotonic())
+            except HmnodeError as exc:
+                log.warning("cannot read this node's standing on the chain: %s", exc)
+                continue
+            for task in tasks:
+                try:
+                    body = await loop.run_in_executor(None, task.make)
+                    tx = self.sign_and_submit(task.kind, body)
+                except (HmnodeError, OSError, ValueError) as exc:
+                    log.warning("cannot submit %s: %s", task.kind, exc)
+                    continue
+                log.info("submitted %s for %s %d", task.kind, *task.key,
+                         extra={"event": "proof_submitted", "kind": task.kind,
+                                "tx_id": tx.tx_id.hex()})
+
+    async def prepare_offer(self, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """`body` with the proofs an offer carries; registers this node first (proof of work,
+        plotting if it has no plot) and waits up to `timeout` for that to commit."""
+        keeper = self.keeper
+        if keeper is None:
+            raise ChainNotReady("this node keeps no plot, so it cannot prove an offer")
+        loop = asyncio.get_running_loop()
+        standing = keeper.standing()
+        # Plotting (the first time) is seconds of disk and CPU: not on the event loop.
+        await loop.run_in_executor(None, keeper.plot, standing.params.min_plot_labels)
+        task = keeper.registration(standing)
+        if task is not None:
+            tx = self.sign_and_submit(task.kind, await loop.run_in_executor(None, task.make))
+            try:
+                await self.wait_committed(tx.tx_id, timeout)
+            except TimeoutError:
+                raise ChainNotReady(f"this node's registration {tx.tx_id.hex()} was not "
+                                    f"committed within {timeout:g} s; try the offer again "
+                                    "later") from None
+            done = self.tx_result(tx.tx_id) or {}
+            if not done.get("ok"):
+                raise OfferNotReady(f"the chain refused this node's registration: "
+                                    f"{done.get('rejected')}")
+        return keeper.offer_body(body)
 
     async def _genesis(self) -> Genesis:
         if self.genesis_path is not None:
@@ -160,7 +218,10 @@ class ChainService:
         if self.node is None:
             return {"height": None, "ready": False, "validators": [], "is_validator": False,
                     "last_commit_ms": None}
-        return {"ready": True, **self.node.describe()}
+        out = {"ready": True, **self.node.describe()}
+        if self.keeper is not None:
+            out["registry"] = self.keeper.describe()
+        return out
 
     def block(self, height: int | None) -> dict[str, Any]:
         """A committed block, its transactions and certificate, as JSON-able data."""

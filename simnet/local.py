@@ -158,6 +158,7 @@ class LocalMesh:
         # Processes this object started: kept so that their exit is reaped here (a dead child
         # that is never waited for stays a zombie, and psutil still reports its pid).
         self._children: dict[int, subprocess.Popen] = {}
+        self._env: dict[str, str] = {}  # HMNODE_* settings `up` gives every node
 
     # --- files ------------------------------------------------------------------------------
 
@@ -274,6 +275,7 @@ class LocalMesh:
         # Settings come from the flags and the node's own config.toml only, never from the
         # environment of whoever ran `up`.
         env = {k: v for k, v in os.environ.items() if not k.startswith("HMNODE_")}
+        env.update(self._env)
         env.update(env_extra or {})
         with self.log_file(name).open("ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
@@ -309,12 +311,17 @@ class LocalMesh:
 
     def up(self, n: int, base_port: int = 0,
            progress: Callable[[str], None] = lambda line: None,
-           validators: int = 1) -> list[NodeRecord]:
+           validators: int = 1, app_state: dict[str, Any] | None = None,
+           env: dict[str, str] | None = None) -> list[NodeRecord]:
         """Start a fresh mesh of `n` nodes; returns once every node answers on its control socket.
 
         The first `validators` nodes validate the mesh's chain (each with power 1, from a
         genesis file written here); the others follow it. With 1, node 0 starts its own chain
         and the others take it from node 0 when they join.
+
+        `app_state` replaces the chain's rules (a local mesh's, with a faucet, by default; a
+        genesis file is then written even for one validator). `env` adds HMNODE_* settings to
+        every node's environment.
 
         `base_port` 0 lets each node pick a free port; otherwise node i listens on base_port + i.
         Node dirs left in the directory by an earlier mesh are removed first, so that old keys,
@@ -338,8 +345,9 @@ class LocalMesh:
         self.genesis_file.unlink(missing_ok=True)
         if not 1 <= validators <= n:
             raise UsageError(f"a mesh of {n} nodes has 1 to {n} validators, not {validators}")
-        if validators > 1:
-            self._write_genesis(validators)
+        if validators > 1 or app_state is not None:
+            self._write_genesis(validators, LOCAL_APP_STATE if app_state is None else app_state)
+        self._env = dict(env or {})
         timeout = READY_TIMEOUT_S + READY_TIMEOUT_PER_NODE_S * n
         distinct = n > 1 and _distinct_loopback_works()
         if n > 1 and not distinct:
@@ -375,7 +383,7 @@ class LocalMesh:
             raise
         return records
 
-    def _write_genesis(self, validators: int) -> None:
+    def _write_genesis(self, validators: int, app_state: dict[str, Any]) -> None:
         """Give the first `validators` nodes their keys now, and a genesis naming them."""
         keys = []
         for i in range(validators):
@@ -385,7 +393,7 @@ class LocalMesh:
             keys.append(key.node_id.key)
         write_genesis(self.genesis_file, Genesis(
             f"simnet-{int(time.time())}", int(time.time() * 1000),
-            ValidatorSet.of((k, 1) for k in keys), app_state=LOCAL_APP_STATE))
+            ValidatorSet.of((k, 1) for k in keys), app_state=app_state))
 
     def _provisional(self, name: str, proc: subprocess.Popen, host: str, port: int) -> NodeRecord:
         """A record of a node that is not ready yet, so that `down` can stop it meanwhile."""

@@ -26,6 +26,7 @@ from hmnode.consensus.messages import (PREVOTE, Transaction, Vote, sha256, sign_
                                        vote_bytes)
 from hmnode.errors import HmnodeError
 from hmnode.identity import NodeId, NodeKey
+from hmnode.chain_service import LOCAL_APP_STATE
 from hmnode.simnet.local import LocalMesh, node_name
 from hmnode.transport.endpoint import Endpoint
 from hmnode.transport.reachability import parse_address
@@ -45,11 +46,11 @@ def mesh_factory() -> Iterator[Any]:
     fit), stopped and removed at teardown."""
     made: list[tuple[LocalMesh, str]] = []
 
-    def start(n: int, validators: int = 1) -> LocalMesh:
+    def start(n: int, validators: int = 1, **up: Any) -> LocalMesh:
         directory = tempfile.mkdtemp(prefix="hmc-")
         mesh = LocalMesh(Path(directory))
         made.append((mesh, directory))
-        mesh.up(n, validators=validators)
+        mesh.up(n, validators=validators, **up)
         return mesh
 
     yield start
@@ -256,8 +257,14 @@ def test_credits_through_the_cli_on_a_lone_node(mesh_factory: Any) -> None:
     sock = mesh.data_dir(node_name(0)).control_socket
     offer = {"cores": 8, "memory_mib": 4096, "runtimes": ["wasm"], "expires_height": 10_000,
              "price": {"core_hour": 10, "gib_hour": 0, "gpu_hour": 0, "start_fee": 1}}
+    # The node has no plot and is not registered: the offer plots, registers with its proof of
+    # work, then commits with its proofs of space and stake.
     assert control.call(sock, "transaction", {"kind": "offer.commit", "body": offer,
-                                              "wait": 10}, timeout=20)["ok"]
+                                              "wait": 10}, timeout=60)["ok"]
+    standing = json.loads(hmnode("status", "--data-dir", data_dir, "--json").stdout)
+    registry = standing["chain"]["registry"]
+    assert registry["registered"] and registry["offering"] and registry["suspended"] is None
+    assert registry["plot"]["n_labels"] >= 1024 and registry["answered_period"] == 0
     for runtime in ("wasm", "process"):
         spec = {"cores": 4, "memory_mib": 1024, "runtime": runtime, "duration_s": 3600,
                 "max_price": 100, "deadline_height": 10_000}
@@ -271,6 +278,34 @@ def test_credits_through_the_cli_on_a_lone_node(mesh_factory: Any) -> None:
     assert by_runtime["process"]["why_waiting"] == "no node allows the process runtime"
     after = json.loads(hmnode("ledger", "--data-dir", data_dir, "--json").stdout)
     assert after["totals"]["escrow"] == 200 and after["account"]["balance"] == 290 - 200
+
+
+def test_a_lone_node_publishes_beacons_and_answers_its_space_challenges(
+        mesh_factory: Any) -> None:
+    # Periods of 4 blocks, an empty block every second, the test VDF: a period a few seconds.
+    rules = dict(LOCAL_APP_STATE, beacon_blocks=4, answer_blocks=2, vdf_version=0,
+                 work_bits=12, min_plot_labels=64)
+    mesh = mesh_factory(1, app_state=rules, env={"HMNODE_CHAIN_EMPTY_BLOCK_S": "1"})
+    name = node_name(0)
+    offer = {"cores": 2, "memory_mib": 1024, "runtimes": ["wasm"], "expires_height": 10_000,
+             "price": {"core_hour": 1, "gib_hour": 0, "gpu_hour": 0, "start_fee": 0}}
+    assert call(mesh, name, "transaction", {"kind": "offer.commit", "body": offer, "wait": 10},
+                timeout=60)["ok"]
+
+    def registry() -> dict[str, Any]:
+        return call(mesh, name, "status")["chain"]["registry"]
+
+    # Two periods later the node has published both beacons and answered both challenges in
+    # time, so it was never suspended.
+    wait_until(lambda: registry()["answered_period"] >= 2,
+               "the node to answer the beacons of periods 1 and 2", timeout=60)
+    standing = registry()
+    assert standing["suspended"] is None and standing["beacon"]["published_period"] >= 2
+    kinds = set()
+    for height in range(1, call(mesh, name, "chain")["height"] + 1):
+        kinds |= {t["kind"] for t in call(mesh, name, "chain", {"height": height})["transactions"]
+                  if t["ok"]}
+    assert {"node.register", "offer.commit", "beacon.publish", "space.answer"} <= kinds
 
 
 # --- 2. four validators -------------------------------------------------------------------------
