@@ -96,11 +96,15 @@ class JobBook:
     def commit_offer(self, node: bytes, body: dict, height: int) -> None:
         offer = parse_offer(node, body, height)
         held = self.txn.get(schema.OFFERS, node)
-        used = held["used"] if held is not None else [0, 0, {}]
+        used = held["used"] if held is not None else [0, 0, {}, {}]
         gpus = dict(offer.gpus)
         if offer.cores < used[0] or offer.memory_mib < used[1] or any(
                 gpus.get(m, 0) < n for m, n in used[2].items()):
             raise LedgerRefused("the offer would be smaller than what its running jobs use")
+        dropped = sorted(set(used[3]) - set(offer.runtimes))
+        if dropped:
+            raise LedgerRefused(f"the offer drops the {', '.join(dropped)} runtime its running "
+                                "jobs use")
         self.txn.put(schema.OFFERS, node, {"offer": _offer_wire(offer), "used": used})
 
     def submit(self, owner: bytes, job_id: bytes, body: dict, height: int) -> None:
@@ -247,12 +251,14 @@ class JobBook:
     def _use(self, node: bytes, spec: list, model: str | None, sign: int) -> None:
         job = _job_from(b"", spec)
         held = self.txn.get(schema.OFFERS, node)
-        cores, memory, gpus = held["used"]
-        gpus = dict(gpus)
+        cores, memory, gpus, runtimes = held["used"]
+        gpus, runtimes = dict(gpus), dict(runtimes)
         if model is not None:
             gpus[model] = gpus.get(model, 0) + sign * job.gpu_count
+        runtimes[job.runtime] = runtimes.get(job.runtime, 0) + sign
         held["used"] = [cores + sign * job.cores, memory + sign * job.memory_mib,
-                        {m: n for m, n in gpus.items() if n}]
+                        {m: n for m, n in gpus.items() if n},
+                        {r: n for r, n in runtimes.items() if n}]
         self.txn.put(schema.OFFERS, node, held)
 
 

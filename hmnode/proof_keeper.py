@@ -58,10 +58,12 @@ class OfferNotReady(HmnodeError):
 class ProofKeeper:
     """What this node must prove next, from the committed state of `chain`."""
 
-    def __init__(self, key: NodeKey, chain: Chain, data_dir: Path) -> None:
+    def __init__(self, key: NodeKey, chain: Chain, data_dir: Path,
+                 retry_s: float = RETRY_S) -> None:
         self.key = key
         self.chain = chain
         self.data_dir = data_dir
+        self.retry_s = retry_s
         self._plot: Plot | None = None
         self._tried: dict[tuple[str, int], float] = {}  # task key -> when it was last handed out
         self._awaited_since: dict[int, float] = {}
@@ -111,8 +113,8 @@ class ProofKeeper:
     # --- what to do next ------------------------------------------------------------------------
 
     def due(self, now: float) -> list[ProofTask]:
-        """The proofs this node should make now. Each is handed out again only after RETRY_S,
-        so a driver may call this on every commit."""
+        """The proofs this node should make now. Each is handed out again only after
+        `retry_s`, so a driver may call this on every commit."""
         standing = self.standing()
         tasks = []
         beacon, params = standing.beacon, standing.params
@@ -139,6 +141,16 @@ class ProofKeeper:
         work_bits = standing.params.work_bits
         return ProofTask(("register", 0), "node.register",
                          lambda: self.prover(standing).register(chain_id, work_bits))
+
+    def keep_offer(self, body: dict, now: float) -> ProofTask | None:
+        """The next step towards this node offering `body`: its registration, then the offer
+        itself; None once it offers (or while the step handed out last is still young)."""
+        standing = self.standing()
+        if standing.offering:
+            return None
+        task = self.registration(standing) or ProofTask(("offer", 0), "offer.commit",
+                                                         lambda: self.offer_body(body))
+        return task if self._hand_out(task.key, now) else None
 
     def offer_body(self, body: dict) -> dict:
         """`body` with the proofs an offer carries (space for the current beacon, and all this
@@ -174,7 +186,7 @@ class ProofKeeper:
 
     def _hand_out(self, key: tuple[str, int], now: float) -> bool:
         last = self._tried.get(key)
-        if last is not None and now - last < RETRY_S:
+        if last is not None and now - last < self.retry_s:
             return False
         self._tried[key] = now
         if len(self._tried) > 64:  # old periods' keys are never asked for again

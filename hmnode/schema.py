@@ -233,7 +233,8 @@ LEDGER_TOTALS: Table[str, dict] = Table("ledger_totals", TextKey, AnyCodec())
 # already punished (evidence id -> height).
 STATE: Table[str, Any] = Table("state", TextKey, AnyCodec())
 SLASHED: Table[bytes, int] = Table("slashed", BytesKey, AnyCodec())
-# Offers by node ({"offer": [...], "used": [cores, memory_mib, {model: gpus}]}), jobs by id (a
+# Offers by node ({"offer": [...], "used": [cores, memory_mib, {model: gpus}, {runtime: jobs}]}
+# taken by its running jobs), jobs by id (a
 # map with their state and history), and the index of live jobs: b"q" + submission number (8
 # bytes) + id for queued ones (oldest first), b"a" + id for allocated ones.
 OFFERS: Table[bytes, dict] = Table("offers", BytesKey, AnyCodec())

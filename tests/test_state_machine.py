@@ -4,104 +4,18 @@ equivocator out of the validator set at the next epoch."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
-from random import Random
 from typing import Any
 
-import nacl.signing
 import pytest
 
+from chain_harness import ALICE, BOB, CHAIN, OFFERER_FUNDS, OTHER, VALIDATOR, Harness
 from hmnode import schema
-from hmnode.consensus.chain import Chain, Genesis, GenesisError
-from hmnode.consensus.messages import (PRECOMMIT, PREVOTE, CommitCertificate, Equivocation,
-                                       sign_tx, sign_vote)
-from hmnode.consensus.validators import ValidatorSet
-from hmnode.identity import NodeKey
+from hmnode.consensus.chain import GenesisError
+from hmnode.consensus.messages import PREVOTE, Equivocation, sign_vote
 from hmnode.consensus.space import Plot
-from hmnode.ledger import Ledger
+from hmnode.identity import NodeKey
 from hmnode.prover import NodeProver, publish_beacon
-from hmnode.registry import Beacon, NodeRegistry
-from hmnode.simnet.sim.store import SimStore
-from hmnode.state_machine import MeshStateMachine
-
-rng = Random(4)
-VALIDATOR, OTHER, ALICE, BOB = (NodeKey(nacl.signing.SigningKey(rng.randbytes(32)))
-                                for _ in range(4))
-CHAIN = "sm"
-
-
-# Rules that keep proofs cheap in tests: an 8-bit proof of work, 16-label plots, the test VDF,
-# a beacon every 10 blocks answered within 3.
-TEST_RULES = {"work_bits": 8, "min_plot_labels": 16, "beacon_blocks": 10, "answer_blocks": 3,
-              "vdf_version": 0}
-OFFERER_FUNDS = 10  # what each offering node gets at genesis, and bonds when it joins
-
-
-class Harness:
-    """A one-validator chain whose blocks the test makes and commits."""
-
-    def __init__(self, app_state: Any = None, epoch_blocks: int = 100,
-                 validators: tuple[NodeKey, ...] = (VALIDATOR,),
-                 offerers: tuple[NodeKey, ...] = ()) -> None:
-        self.store = SimStore()
-        self.chain = Chain(self.store, MeshStateMachine())
-        self.validators = validators
-        state = dict(TEST_RULES, **(app_state or {}))
-        state["balances"] = dict(state.get("balances", {}),
-                                 **{str(k.node_id): OFFERER_FUNDS for k in offerers})
-        self.chain.init_genesis(Genesis(CHAIN, 1, ValidatorSet.of(
-            (k.node_id.key, 1000) for k in validators), epoch_blocks, state))
-        self.nonces: dict[bytes, int] = {}
-        self._plots = tempfile.TemporaryDirectory()
-        self.provers: dict[bytes, NodeProver] = {}
-
-    def prover(self, key: NodeKey, n_labels: int = 16) -> NodeProver:
-        """`key`'s node with a plot of `n_labels` (made once per harness)."""
-        if key.node_id.key not in self.provers:
-            plot = Plot.create(Path(self._plots.name) / key.node_id.key.hex(), key.node_id.key,
-                               n_labels)
-            self.provers[key.node_id.key] = NodeProver(key, plot)
-        return self.provers[key.node_id.key]
-
-    def join(self, key: NodeKey) -> None:
-        """Register `key`'s node and bond its genesis funds, so that it can offer."""
-        assert self.block(self.tx(key, "node.register", self.prover(key).register(CHAIN, 8)),
-                          self.tx(key, "stake.bond", {"amount": OFFERER_FUNDS})) == [None, None]
-
-    def beacon(self) -> Beacon:
-        return self.store.read(lambda t: NodeRegistry(t).beacon())
-
-    def offer(self, key: NodeKey, body: dict[str, Any], stake: int = OFFERER_FUNDS) -> Any:
-        """An offer.commit from `key` with its proofs for the current beacon."""
-        head = self.chain.head().height
-        proofs = self.prover(key).offer_proofs(CHAIN, self.beacon().value, stake, head)
-        return self.tx(key, "offer.commit", dict(body, proofs=proofs))
-
-    def tx(self, key: NodeKey, kind: str, body: Any) -> Any:
-        n = self.nonces[key.node_id.key] = self.nonces.get(key.node_id.key, 0) + 1
-        return sign_tx(key, CHAIN, n, kind, body)
-
-    def block(self, *txs: Any) -> list[str | None]:
-        """Commit one block of `txs`; what each did (None, or why it was refused)."""
-        head = self.chain.head()
-        block = self.chain.build_block(head.height + 1, VALIDATOR.node_id.key,
-                                       head.time_ms + 1000, list(txs))
-        assert len(block.txs) == len(txs)
-        votes = [sign_vote(k, CHAIN, PRECOMMIT, block.height, 0, block.block_id)
-                 for k in self.validators]
-        self.chain.commit(block, CommitCertificate.from_votes(votes))
-        return [self.chain.tx_result(t.tx_id)[2] for t in txs]
-
-    def balance(self, key: NodeKey) -> int:
-        return self.store.read(lambda tx: Ledger(tx).balance(key.node_id.key))
-
-    def stake(self, key: NodeKey) -> int:
-        return self.store.read(lambda tx: Ledger(tx).stake(key.node_id.key))
-
-    def audit(self) -> Any:
-        return self.store.read(lambda tx: Ledger(tx).audit())
-
 
 def test_genesis_stakes_the_validators_and_funds_the_balances() -> None:
     h = Harness({"balances": {str(ALICE.node_id): 500}})
@@ -259,8 +173,11 @@ def test_an_allocated_job_without_a_receipt_lapses_and_frees_its_node() -> None:
     assert job(h, first)["state"] == "allocated"
     assert job(h, second)["reason"] == "every node that could run it is busy; it waits for capacity"
     shrink = dict(OFFER, cores=4)
-    assert h.block(h.offer(BOB, shrink), h.tx(BOB, "offer.withdraw", {})) == [
+    other_runtime = dict(OFFER, runtimes=["process"])
+    assert h.block(h.offer(BOB, shrink), h.offer(BOB, other_runtime),
+                   h.tx(BOB, "offer.withdraw", {})) == [
         "the offer would be smaller than what its running jobs use",
+        "the offer drops the wasm runtime its running jobs use",
         "jobs are running on this offer; it can only be withdrawn once they end"]
     h.block()
     assert job(h, first)["state"] == "lapsed"
@@ -306,7 +223,7 @@ def test_a_receipt_settles_the_job_pays_the_node_and_refunds_the_rest() -> None:
     assert [s for s, _ in record["history"]] == ["queued", "allocated", "settled"]
     assert h.balance(BOB) == 41 and h.balance(ALICE) == 500 - 41
     used = h.store.read(lambda t: t.get(schema.OFFERS, BOB.node_id.key))["used"]
-    assert used == [0, 0, {}]
+    assert used == [0, 0, {}, {}]
     totals = h.audit()
     assert totals.escrow == 0 and totals.held() == totals.minted
 

@@ -23,6 +23,11 @@ Checkers:
 - allocation: no offer is given more than it shares, its books agree with its jobs, and every
   allocated job fits its offer's runtimes and its own price (clients submit jobs, honest
   validators offer);
+- proofs: every validator registers (proof of work), offers (proofs of space and stake),
+  publishes the beacon a period awaits and answers its space challenges through its
+  `ProofKeeper`, as a running node does; no job is allocated to a node that is unregistered or
+  suspended in the state that allocated it; beacons keep being published; and after the heal
+  every honest offering validator is in good standing again;
 - no_honest_equivocation: no evidence ever names an honest validator;
 - no_crash: no core raised (invariant checks included) on any input, and no node sent a
   message the wire refuses.
@@ -31,10 +36,13 @@ Checkers:
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import traceback
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from random import Random
+from pathlib import Path
 from typing import Any
 
 import nacl.signing
@@ -51,6 +59,9 @@ from hmnode.consensus.validators import ValidatorSet
 from hmnode.env import Env
 from hmnode.identity import NodeId, NodeKey
 from hmnode.ledger import Ledger, LedgerBroken
+from hmnode.proof_keeper import ProofKeeper
+from hmnode.registry import NodeRegistry
+from hmnode.state_audit import allocation_problem, placement_problem, suspended_nodes
 from hmnode.state_machine import MeshStateMachine
 
 from .clock import NodeClock, VirtualClock
@@ -59,8 +70,7 @@ from .network import SimNetwork, SimProcess
 from .store import SimStore
 
 CHECKERS = ("agreement", "validity", "durability", "liveness", "conservation", "allocation",
-            "no_honest_equivocation",
-            "no_crash")
+            "proofs", "no_honest_equivocation", "no_crash")
 SCENARIOS = ("consensus", "consensus-byzantine")
 CHAIN_ID = "sim"
 MAX_CLOCK_OFFSET_S = 2.0  # well inside what block times tolerate (chain.MAX_FUTURE_MS)
@@ -68,6 +78,13 @@ MAX_CLOCK_DRIFT = 500e-6
 CLIENTS = 4
 CLIENT_CREDITS = 1_000_000
 RESUBMIT_S = 3.0
+# The registry's rules in the simulator: cheap proofs (the test VDF, 8-bit work, 16-label plots)
+# and a beacon every 16 blocks, so that a run sees several periods and their deadlines.
+SIM_RULES = {"work_bits": 8, "min_plot_labels": 16, "beacon_blocks": 16, "answer_blocks": 4,
+             "vdf_version": 0}
+TEND_S = 1.0  # how often a node's ProofKeeper looks at the chain
+PROOF_RETRY_S = 4.0
+OFFER = {"cores": 16, "memory_mib": 32_768, "runtimes": ["wasm"], "expires_height": 1_000_000}
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,7 @@ class _SimNode(SimProcess):
             sim.problem("durability", f"{self.name} restarted at height {chain.head().height} "
                                       f"after reporting {self.reported_height} committed")
         self.node = ChainNode(self.key, env, chain, sim.config, observer=self)
+        self.keeper = ProofKeeper(self.key, chain, sim.plots, retry_s=PROOF_RETRY_S)
         if self.life == 1:
             sim.net.attach(self.id, self.name, self._on_frame, self._on_unreachable)
         else:
@@ -207,7 +225,8 @@ class ConsensusSim:
         balances[str(keys[0].node_id)] = 1_000
         self.genesis = Genesis(CHAIN_ID, 1_700_000_000_000,
                                ValidatorSet.of((k.node_id.key, 100) for k in keys),
-                               settings.epoch_blocks, {"balances": balances})
+                               settings.epoch_blocks, dict(SIM_RULES, balances=balances))
+        self.plots = Path(tempfile.mkdtemp(prefix="hmnode-sim-plots-"))
         self.config = ChainConfig(timeouts=settings.timeouts, empty_block_s=5.0,
                                   sync_poll_s=1.0)
         self._nonces = [0] * CLIENTS
@@ -253,6 +272,12 @@ class ConsensusSim:
         if held is None:
             self.commits[block.height] = (block.block_id, v.name)
             self._check_block(v, block, cert)
+            why, suspended = v.disk.read(lambda tx: (placement_problem(tx, block.height),
+                                                      suspended_nodes(tx)))
+            if why:
+                self.problem("proofs", f"{v.name}: {why}")
+            self.counters["suspended_node_blocks"] = \
+                self.counters.get("suspended_node_blocks", 0) + suspended
         elif held[0] != block.block_id:
             self.problem("agreement", f"height {block.height}: {v.name} committed "
                                       f"{block.block_id.hex()[:12]}, {held[1]} committed "
@@ -361,16 +386,23 @@ class ConsensusSim:
                 "gpu_count": rng.choice([0, 0, 0, 1]), "deadline_height": height + rng.randint(3, 60)}
         return "kv.put", {"key": f"k{rng.randrange(50)}", "value": rng.randbytes(8)}
 
-    def _offer(self) -> None:
-        """Each honest validator offers what it shares (one with a GPU)."""
-        for v in self.honest:
-            body = {"cores": 16, "memory_mib": 32_768, "runtimes": ["wasm"],
-                    "price": {"core_hour": self.rng.randint(1, 20), "gib_hour": 1,
-                              "gpu_hour": 50, "start_fee": 2},
-                    "expires_height": 1_000_000,
-                    "gpus": [["A100", 2]] if v is self.honest[0] else []}
-            if v.up:
-                v._guard(lambda v=v, body=body: v.node.sign_and_submit("offer.commit", body))
+    def _tend(self, v: _SimNode) -> None:
+        """What a running node's ProofKeeper does, inline: register, offer (honest validators:
+        one with GPUs), publish awaited beacons and answer space challenges."""
+        if v.up:
+            v._guard(lambda: self._prove(v))
+        self.clock.call_later(TEND_S, lambda: self._tend(v))
+
+    def _prove(self, v: _SimNode) -> None:
+        tasks = v.keeper.due(self.clock.now)
+        if not v.byzantine:
+            price = {"core_hour": 1 + v.index * 3, "gib_hour": 1, "gpu_hour": 50, "start_fee": 2}
+            body = dict(OFFER, price=price, gpus=[["A100", 2]] if v is self.honest[0] else [])
+            step = v.keeper.keep_offer(body, self.clock.now)
+            tasks += [step] if step is not None else []
+        for task in tasks:
+            self.count(f"proof_{task.kind}")
+            v.node.sign_and_submit(task.kind, task.make())
 
     def _submit(self, target: _SimNode, tx: Transaction) -> None:
         def submit() -> None:
@@ -424,9 +456,10 @@ class ConsensusSim:
         try:
             self.start()
             self.clock.run_until(self.duration)
+            return self.result()
         finally:
             chain_log.setLevel(level)
-        return self.result()
+            shutil.rmtree(self.plots, ignore_errors=True)
 
     def start(self) -> None:
         """Schedule the boots, the load and the faults."""
@@ -434,7 +467,8 @@ class ConsensusSim:
             self.clock.call_at(self.start_at * self.rng.random(), v.boot)
         self.clock.call_at(self.start_at, self._load)
         self.clock.call_at(self.start_at + RESUBMIT_S, self._resubmit)
-        self.clock.call_at(self.start_at + 0.5, self._offer)
+        for v in self.validators:
+            self.clock.call_at(self.start_at + 0.5 + self.rng.random(), lambda v=v: self._tend(v))
         if self.settings.power_change:
             self.clock.call_at(self.start_at + 3.0, self._change_power)
         self._schedule_faults()
@@ -469,9 +503,14 @@ class ConsensusSim:
             if totals.held() != totals.minted - totals.burned:
                 self.problem("conservation", f"{v.name}: {totals}")
         for v in live:
-            why = v.disk.read(_allocation_problem)
+            why = v.disk.read(allocation_problem)
             if why:
                 self.problem("allocation", f"{v.name}: {why}")
+        if live:
+            why = live[0].disk.read(lambda tx: _standing_problem(
+                tx, [v for v in self.honest if v.up]))
+            if why:
+                self.problem("proofs", f"{live[0].name}: {why}")
         refused = self.net.counters.get("refused", 0)
         if refused:
             self.problem("no_crash", f"nodes sent {refused} messages the wire refuses "
@@ -498,32 +537,18 @@ class ConsensusSim:
                       verdicts, stats)
 
 
-def _allocation_problem(tx: Any) -> str | None:
-    """Why the jobs on this node's chain break the allocation rules, or None: no offer gives
-    out more than it shares, its books agree with its jobs, and every allocated job fits the
-    offer it runs on and its price."""
-    offers = dict(tx.items(schema.OFFERS))
-    used: dict[bytes, list] = {n: [0, 0, 0] for n in offers}
-    for job_id, record in tx.items(schema.JOBS):
-        if record["state"] != "allocated":
-            continue
-        cores, memory, runtime, _, max_price, gpus, _ = record["spec"]
-        held = offers.get(record["node"])
-        if held is None:
-            return f"job {job_id.hex()[:12]} runs on a node with no offer"
-        if runtime not in held["offer"][2] or record["cost"] > max_price:
-            return f"job {job_id.hex()[:12]} does not fit its offer or its price"
-        u = used[record["node"]]
-        u[0], u[1], u[2] = u[0] + cores, u[1] + memory, u[2] + gpus
-    for node, held in offers.items():
-        o_cores, o_memory = held["offer"][0], held["offer"][1]
-        o_gpus = sum(n for _, n in held["offer"][5])
-        u = used[node]
-        if u[0] > o_cores or u[1] > o_memory or u[2] > o_gpus:
-            return f"node {node.hex()[:12]} is given {u} of {o_cores, o_memory, o_gpus}"
-        books = held["used"]
-        if [books[0], books[1], sum(books[2].values())] != u:
-            return f"node {node.hex()[:12]} books {books}, its jobs use {u}"
+def _standing_problem(tx: Any, honest: list[_SimNode]) -> str | None:
+    """After the heal: some beacon was published, and every honest validator that is up is
+    registered, offering and not suspended."""
+    registry = NodeRegistry(tx)
+    if registry.beacon().value_period < 1:
+        return "no beacon was ever published"
+    for v in honest:
+        record = registry.node(v.id.key)
+        if record is None or tx.get(schema.OFFERS, v.id.key) is None:
+            return f"{v.name} is not registered and offering at the end"
+        if record["suspended"]:
+            return f"{v.name} is still suspended at the end: {record['suspended']}"
     return None
 
 
