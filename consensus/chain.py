@@ -16,6 +16,7 @@ cannot prove one key to a light client; that is left for later.)
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +33,7 @@ from .messages import (MAX_BLOCK_BYTES, MAX_BLOCK_TXS, MAX_CHAIN_ID, MAX_VALIDAT
 from .validators import ValidatorSet
 
 DEFAULT_EPOCH_BLOCKS = 100
+APPLY_TIMES_KEPT = 256
 MAX_FUTURE_MS = 10_000  # how far ahead of a validator's clock a proposed block's time may be
 
 
@@ -190,6 +192,9 @@ class Chain:
         # Blocks executed speculatively (proposed or checked): block id -> (the head they were
         # executed on, their write log, their state root).
         self._speculated: dict[bytes, tuple[bytes, list[tuple[Table, Any, Any]], bytes]] = {}
+        # Wall milliseconds the newest block executions took, by height (its transactions and
+        # end of block, as built, checked or synced): what the application costs per block.
+        self.apply_ms: dict[int, float] = {}
         raw = storage.read(lambda tx: tx.get(schema.CHAIN, schema.CHAIN_GENESIS))
         if raw is not None:
             self.genesis = Genesis.from_wire(raw)
@@ -411,6 +416,7 @@ class Chain:
 
     def _execute(self, tx: Txn, block: Block) -> tuple[bytes, list]:
         """Apply `block`'s transactions inside `tx`; returns the state root and write log."""
+        started = time.perf_counter()
         head = self._read_head(tx)
         rec = RecordingTxn(tx)
         for i, t in enumerate(block.txs):
@@ -418,6 +424,9 @@ class Chain:
                 raise MessageRejected(f"transaction {i} has nonce {t.nonce}, not the next one")
             self._deliver(rec, t, block.height, block.header.time_ms, i)
         self._end_block(rec, block.height)
+        self.apply_ms[block.height] = (time.perf_counter() - started) * 1000
+        if len(self.apply_ms) > APPLY_TIMES_KEPT:
+            del self.apply_ms[min(self.apply_ms)]
         return self._root(head, block.height, rec), rec.log
 
     def _deliver(self, rec: RecordingTxn, t: Transaction, height: int, time_ms: int,

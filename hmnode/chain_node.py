@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -499,11 +499,17 @@ class ChainNode:
             "last_commit_ms": None if self.last_commit_ms is None else round(self.last_commit_ms, 1),
             "last_commit_at": self.last_commit_at, "mempool": len(self.mempool),
             "halted": self.halted, "evidence": self.chain.evidence_count(),
+            "apply_ms_p50": _median(self.chain.apply_ms.values()),
             "counters": dict(self.counters),
         }
         if self.engine is not None:
             out["consensus"] = self.engine.describe()
         return out
+
+
+def _median(values: Iterable[float]) -> float | None:
+    ordered = sorted(values)
+    return round(ordered[len(ordered) // 2], 3) if ordered else None
 
 
 class _NoTimer:

@@ -368,6 +368,8 @@ def block_json(chain: Chain, block: Block, cert: CommitCertificate) -> dict[str,
         "time_ms": h.time_ms, "prev_id": h.prev_id.hex(), "proposer": str(NodeId(h.proposer)),
         "state_root": h.state_root.hex(), "txs_hash": h.txs_hash.hex(),
         "validators_hash": h.validators_hash.hex(),
+        # How long this node took to execute the block, if it did since it started.
+        "apply_ms": None if h.height not in chain.apply_ms else round(chain.apply_ms[h.height], 3),
         "transactions": [{"tx_id": tx.tx_id.hex(), "sender": str(NodeId(tx.sender)),
                           "nonce": tx.nonce, "kind": tx.kind, "bytes": len(tx.encode()),
                           "ok": results[tx.tx_id] is None, "rejected": results[tx.tx_id]}
