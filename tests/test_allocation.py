@@ -1,17 +1,19 @@
 """Allocation: never more than an offer shares, every placement feasible and affordable, the
-same answer whatever the order offers come in, and a reason for every job left waiting."""
+same answer whatever the order offers come in, a reason for every job left waiting, and always
+the answer of the rules written plainly (`reference_allocate`), in crowded markets too."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hmnode.allocation import (Free, Job, Offer, Placement, Price, _gpus_fit, _take_gpus,
-                               _why_not, allocate, cost)
+from hmnode.allocation import (Free, Job, Offer, Price, _unmet, _witnesses, allocate, cost,
+                               why_not)
+from hmnode.simnet.bench.allocation import reference_allocate
 
 MODELS = ("A100", "H100")
 RUNTIMES = ("wasm", "process")
@@ -95,37 +97,121 @@ def _job(i: int, cores: int = 2, max_price: int = 1_000, runtime: str = "wasm",
                gpu_model)
 
 
-def reference_allocate(offers: list[Offer], free: dict[bytes, Free], jobs: list[Job],
-             height: int) -> tuple[list[Placement], dict[bytes, str]]:
-    """The rules written plainly: what `allocate` must compute, however it is sped up."""
-    live = sorted((o for o in offers if o.expires_height > height and o.node in free),
-                  key=lambda o: o.node)
-    placements: list[Placement] = []
-    reasons: dict[bytes, str] = {}
-    for job in jobs:
-        fits = [o for o in live if job.runtime in o.runtimes and _gpus_fit(job, free[o.node])
-                and free[o.node].cores >= job.cores and free[o.node].memory_mib >= job.memory_mib]
-        affordable = [(cost(job, o.price), o) for o in fits if cost(job, o.price) <= job.max_price]
-        if not affordable:
-            reasons[job.job_id] = _why_not(job, live, free, fits)
-            continue
-        price, offer = min(affordable, key=lambda co: (
-            co[0], free[co[1].node].cores - job.cores,
-            hashlib.sha256(job.job_id + co[1].node).digest()))
-        room = free[offer.node]
-        room.cores -= job.cores
-        room.memory_mib -= job.memory_mib
-        _take_gpus(job, room)
-        placements.append(Placement(job.job_id, offer.node, price))
-    return placements, reasons
-
-
 @settings(max_examples=300, deadline=None)
 @given(offers=offers_st, jobs=jobs_st, height=st.integers(0, 20))
 def test_the_fast_loop_computes_what_the_plain_rules_say(offers: list[Offer], jobs: list[Job],
                                                           height: int) -> None:
     assert allocate(offers, free_of(offers), jobs, height) == \
         reference_allocate(offers, free_of(offers), jobs, height)
+
+
+# A crowded market: a few price vectors shared by many offers and few sizes and durations, so
+# that ties on price and on fit are the rule and the hash decides often; more jobs than room,
+# so offers fill up and leave the index; prices that order differently for jobs heavy in
+# cores, memory or GPUs; offers partly in use already, held back (not in `free`) or expired;
+# GPU models named twice in an offer; jobs of no cores, memory or duration.
+@st.composite
+def crowded_offers_st(draw: st.DrawFn) -> list[Offer]:
+    palette = draw(st.lists(st.builds(Price, st.integers(0, 3), st.integers(0, 3),
+                                      st.sampled_from([0, 5, 10]), st.integers(0, 3)),
+                            min_size=1, max_size=5))
+    return draw(st.lists(st.builds(
+        Offer,
+        node=st.integers(0, 60).map(node),
+        cores=st.sampled_from([0, 1, 2, 3, 4, 8]),
+        memory_mib=st.sampled_from([0, 512, 2048, 8192, 16_384]),
+        runtimes=st.lists(st.sampled_from(RUNTIMES), min_size=1, unique=True).map(tuple),
+        price=st.sampled_from(palette),
+        expires_height=st.integers(8, 12),
+        gpus=st.lists(st.tuples(st.sampled_from(MODELS), st.integers(0, 3)), max_size=3).map(tuple),
+    ), min_size=1, max_size=30, unique_by=lambda o: o.node))
+
+
+crowded_jobs_st = st.lists(st.builds(
+    Job,
+    job_id=st.binary(min_size=32, max_size=32),
+    cores=st.sampled_from([0, 1, 1, 2, 3, 4]),
+    memory_mib=st.sampled_from([0, 256, 512, 2048, 8192]),
+    runtime=st.sampled_from(RUNTIMES),
+    duration_s=st.sampled_from([0, 1, 60, 3600, 7200]),
+    max_price=st.integers(0, 40),
+    gpu_count=st.sampled_from([0, 0, 0, 1, 2]),
+    gpu_model=st.none() | st.sampled_from(MODELS),
+), min_size=1, max_size=60, unique_by=lambda j: j.job_id)
+
+
+@settings(max_examples=300, deadline=None)
+@given(offers=crowded_offers_st(), jobs=crowded_jobs_st, data=st.data())
+def test_crowded_markets_get_what_the_plain_rules_say(offers: list[Offer], jobs: list[Job],
+                                                      data: st.DataObject) -> None:
+    free: dict[bytes, Free] = {}
+    for o in offers:
+        if data.draw(st.integers(0, 9), label="held back") == 0:
+            continue
+        gpus = {m: data.draw(st.integers(0, n), label="gpus free") for m, n in dict(o.gpus).items()}
+        free[o.node] = Free(data.draw(st.integers(0, o.cores), label="cores free"),
+                            data.draw(st.integers(0, o.memory_mib), label="memory free"), gpus)
+    ours, theirs = copy.deepcopy(free), copy.deepcopy(free)
+    assert allocate(offers, ours, jobs, 10) == reference_allocate(offers, theirs, jobs, 10)
+    assert ours == theirs  # the same capacity left, GPUs by model included
+
+
+def crowded_market(rng: random.Random) -> tuple[list[Offer], dict[bytes, Free], list[Job]]:
+    """A crowded market as above, drawn from `rng`, at full size (up to 40 offers, 80 jobs)."""
+    palette = [Price(rng.randint(0, 3), rng.randint(0, 3), rng.choice([0, 5, 10]),
+                     rng.randint(0, 3)) for _ in range(rng.randint(1, 5))]
+    offers = [Offer(node(i), rng.choice([0, 1, 2, 3, 4, 8]),
+                    rng.choice([0, 512, 2048, 8192, 16_384]),
+                    tuple(rng.sample(RUNTIMES, rng.randint(1, 2))), rng.choice(palette),
+                    rng.randint(8, 12),
+                    tuple((rng.choice(MODELS), rng.randint(0, 3))
+                          for _ in range(rng.choice([0, 0, 1, 2, 3]))))
+              for i in rng.sample(range(256), rng.randint(0, 40))]
+    free = {o.node: Free(rng.randint(0, o.cores), rng.randint(0, o.memory_mib),
+                         {m: rng.randint(0, n) for m, n in dict(o.gpus).items()})
+            for o in offers if rng.random() < 0.9}
+    jobs = [Job(rng.randbytes(32), rng.choice([0, 1, 1, 2, 3, 4]),
+                rng.choice([0, 256, 512, 2048, 8192]), rng.choice(RUNTIMES),
+                rng.choice([0, 1, 60, 3600, 7200]), rng.randint(0, 40), rng.choice([0, 0, 0, 1, 2]),
+                rng.choice([None, *MODELS])) for _ in range(rng.randint(0, 80))]
+    return offers, free, jobs
+
+
+def test_seeded_crowded_markets_get_what_the_plain_rules_say() -> None:
+    """The same check over fixed seeds, so that the rare corners (a later group that ties on
+    price exactly, two fits at one price) are met on every run, not only on lucky ones."""
+    for seed in range(400):
+        offers, free, jobs = crowded_market(random.Random(seed))
+        ours, theirs = copy.deepcopy(free), copy.deepcopy(free)
+        assert allocate(offers, ours, jobs, 10) == reference_allocate(offers, theirs, jobs, 10), \
+            f"seed {seed}"
+        assert ours == theirs, f"seed {seed}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(offers=crowded_offers_st(), jobs=crowded_jobs_st)
+def test_the_witnesses_say_why_as_every_offer_would(offers: list[Offer], jobs: list[Job]) -> None:
+    witnesses = _witnesses(offers)
+    assert set(witnesses) <= set(offers) and bool(witnesses) == bool(offers)
+    for job in jobs:
+        assert _unmet(job, witnesses) == _unmet(job, offers)
+
+
+def test_many_equal_offers_are_told_apart_by_the_hash_alone() -> None:
+    """Twenty identical offers: each job goes where the hash of (job, node) is least (a job
+    paying exactly the price too), and the offers fill up one job at a time."""
+    offers = [_offer(i, cores=2) for i in range(20)]
+    jobs = [_job(i, cores=2, max_price=20 if i % 2 else 1_000) for i in range(25)]
+    placements, reasons = allocate(offers, free_of(offers), jobs, height=0)
+    assert (placements, reasons) == reference_allocate(offers, free_of(offers), jobs, height=0)
+    assert len({p.node for p in placements}) == 20 and len(reasons) == 5
+    assert set(reasons.values()) == {"every node that could run it is busy; it waits for capacity"}
+
+
+def test_negative_needs_are_refused() -> None:
+    offers = [_offer(1)]
+    with pytest.raises(ValueError):
+        allocate(offers, free_of(offers), [_job(1, cores=-1)], height=0)
 
 
 def test_cheapest_then_best_fit() -> None:
@@ -157,6 +243,8 @@ def test_reasons_say_why_a_job_waits() -> None:
     }
     _, reasons = allocate(offers, free_of(offers), list(cases), height=10)
     assert reasons == {j.job_id: why for j, why in cases.items()}
+    assert why_not(_job(7), offers, None) == \
+        "every node that could run it is busy; it waits for capacity"
     _, reasons = allocate([], {}, [_job(6)], height=0)
     assert reasons == {_job(6).job_id: "no node offers anything right now"}
 

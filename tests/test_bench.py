@@ -101,3 +101,29 @@ def test_consensus_bench_commits_every_transaction_on_four_validators() -> None:
 
     refused = hmnode("simnet", "bench", "startup", "--validators", "4")
     assert refused.returncode == 2 and "--validators does not apply" in refused.stderr
+
+
+def test_allocation_bench_gives_the_issue_keys_through_the_cli() -> None:
+    """One run of the full market through the command: every key the issue names, a real
+    end_block that placed jobs, and allocate() beside the plain rules (which the run checks
+    agree); then a small market straight through run(), which reports its progress."""
+    result = hmnode("simnet", "bench", "allocation", "--runs", "1", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["offers"] == 1000 and figures["jobs"] == 1000 and figures["runs"] == 1
+    for key in ("allocations_per_s", "core_allocations_per_s", "reference_allocations_per_s",
+                "ratio"):
+        assert figures[key] > 0, key
+    assert figures["ratio"] == pytest.approx(
+        figures["core_allocations_per_s"] / figures["reference_allocations_per_s"], rel=0.01)
+    # The market leaves some jobs waiting, as a real one does.
+    assert figures["placed"] > 0 and figures["unplaced"] > 0
+    assert figures["placed"] + figures["unplaced"] == 1000
+    assert "plain rules" in result.stderr
+
+    from hmnode.simnet.bench import allocation
+
+    steps: list[int] = []
+    small = allocation.run(runs=1, progress=steps.append, offers=50, jobs=80)
+    assert small["offers"] == 50 and small["jobs"] == 80 and small["allocations_per_s"] > 0
+    assert sum(steps) == allocation.STEPS_PER_RUN

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from hmnode.simnet.bench import consensus, gossip, proofs, sim_gossip, startup, transport
+from hmnode.simnet.bench import (allocation, consensus, gossip, proofs, sim_gossip, startup,
+                                 transport)
 
 BENCHMARKS: dict[str, ModuleType] = {
     "startup": startup,
@@ -21,4 +22,5 @@ BENCHMARKS: dict[str, ModuleType] = {
     "sim-gossip": sim_gossip,
     "proofs": proofs,
     "consensus": consensus,
+    "allocation": allocation,
 }
