@@ -120,10 +120,16 @@ def test_allocation_bench_gives_the_issue_keys_through_the_cli() -> None:
     assert figures["placed"] > 0 and figures["unplaced"] > 0
     assert figures["placed"] + figures["unplaced"] == 1000
     assert "plain rules" in result.stderr
+    # Blocks of jobs on the real 4-validator mesh, beside blocks of key-value writes.
+    assert figures["mesh_validators"] == 4 and figures["mesh_offers"] == 4
+    assert figures["mesh_allocated"] > 0 and figures["mesh_job_blocks"] >= 2
+    assert figures["block_apply_ms_p50"] > 0 and figures["kv_block_apply_ms_p50"] > 0
+    assert figures["apply_ratio"] == pytest.approx(
+        figures["block_apply_ms_p50"] / figures["kv_block_apply_ms_p50"], rel=0.02)
 
     from hmnode.simnet.bench import allocation
 
     steps: list[int] = []
-    small = allocation.run(runs=1, progress=steps.append, offers=50, jobs=80)
+    small = allocation.run(runs=1, progress=steps.append, offers=50, jobs=80, mesh_jobs=0)
     assert small["offers"] == 50 and small["jobs"] == 80 and small["allocations_per_s"] > 0
     assert sum(steps) == allocation.STEPS_PER_RUN

@@ -17,8 +17,13 @@ Figures, medians over the runs:
 - reference_allocations_per_s: the same for `reference_allocate` below, the rules written out
   plainly (every offer priced for every job), and `ratio`, core over reference. Each run also
   checks that both give the same placements and reasons, and that end_block placed as many.
-- To come: block_apply_ms_p50, a block of job transactions applied on a real 4-validator mesh
-  (its place in `run` and `report` is marked).
+- block_apply_ms_p50: on a real mesh of `validators` validators (4 by default) (`hmnode run` processes
+  on loopback, a LocalMesh), each node offers its share (registering with its proof of work
+  and proving space and stake, as a node does), then clients submit `MESH_JOBS` jobs; the
+  figure is the median, over every validator and every block that carried jobs, of the time
+  the node took to execute the block (its transactions and the end of block, allocation
+  included; `apply_ms` in `hmnode chain --json`). Baseline from the same mesh:
+  `kv_block_apply_ms_p50`, the same for as many key-value writes, which allocate nothing.
 
 end_block is timed inside its write transaction, so the figure leaves out the commit to disk.
 Floor: allocations_per_s >= 5,000.
@@ -27,8 +32,10 @@ Floor: allocations_per_s >= 5,000.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +44,10 @@ from random import Random
 from typing import Any
 
 from hmnode import schema
+from hmnode.consensus.messages import sign_tx
+from hmnode.identity import NodeKey
+from hmnode.simnet.bench.consensus import call, temp_root, wait_chain
+from hmnode.simnet.local import LocalMesh, node_name
 from hmnode.allocation import (Free, Job, Offer, Placement, Price, allocate, cost, gpus_fit,
                                take_gpus, why_not)
 from hmnode.env import Txn
@@ -55,6 +66,12 @@ SUBMIT_HEIGHT = 1  # offers are committed and jobs submitted in this block,
 ALLOCATE_HEIGHT = 10  # and allocated at the end of this one
 STORE_MAP_SIZE = 256 << 20  # room for the whole market, so the fill runs once
 FLOOR_ALLOCATIONS_PER_S = 5_000.0  # end_block, 1,000 jobs over 1,000 offers
+MESH_VALIDATORS = 4
+MESH_JOBS = 1_000
+MESH_BATCH = 250  # transactions per submit_txs call
+MESH_READY_S = 90.0
+MESH_OFFER_S = 60.0  # an offer's registration (proof of work, plotting) and commit
+MESH_COMMIT_S = 120.0
 
 
 class BenchError(HmnodeError):
@@ -221,8 +238,10 @@ def _one_run(m: Market, workdir: Path, progress: Callable[[int], None]) -> dict[
 
 
 def run(runs: int = DEFAULT_RUNS, progress: Callable[[int], None] = lambda n: None,
-        offers: int = OFFERS, jobs: int = JOBS) -> dict[str, Any]:
-    """Allocate the seeded market `runs` times; medians of the runs, and core over reference."""
+        offers: int = OFFERS, jobs: int = JOBS, mesh_jobs: int = MESH_JOBS,
+        validators: int = MESH_VALIDATORS) -> dict[str, Any]:
+    """Allocate the seeded market `runs` times (medians of the runs, and core over reference),
+    then apply blocks of `mesh_jobs` jobs on a real mesh of `validators` (0 jobs: no mesh)."""
     m = market(offers, jobs)
     results = []
     for _ in range(runs):
@@ -237,8 +256,8 @@ def run(runs: int = DEFAULT_RUNS, progress: Callable[[int], None] = lambda n: No
                                                  for r in results), 2)
     figures["floor_allocations_per_s"] = FLOOR_ALLOCATIONS_PER_S
     figures["floor_ok"] = figures["allocations_per_s"] >= FLOOR_ALLOCATIONS_PER_S
-    # To come, here and as a line of report(): block_apply_ms_p50, a block of job
-    # transactions applied on a real 4-validator mesh (see the module docstring).
+    if mesh_jobs:
+        figures.update(mesh_blocks(validators, mesh_jobs))
     return figures
 
 
@@ -253,4 +272,120 @@ def report(figures: dict[str, Any]) -> list[str]:
         f"allocate()     {f['core_allocations_per_s']:10.0f} allocations/s  ({f['core_ms']:.1f} ms)",
         f"plain rules    {f['reference_allocations_per_s']:10.0f} allocations/s  "
         f"({f['reference_ms']:.1f} ms; allocate() is x{f['ratio']} of it)",
-    ]
+    ] + ([] if "block_apply_ms_p50" not in f else [
+        f"real mesh of {f['mesh_validators']} validators, {f['mesh_jobs']} jobs over "
+        f"{f['mesh_offers']} offers ({f['mesh_allocated']} allocated):",
+        f"block apply    {f['block_apply_ms_p50']:10.1f} ms p50 over {f['mesh_job_blocks']} blocks "
+        f"of jobs (key-value blocks: {f['kv_block_apply_ms_p50']:.1f} ms, x{f['apply_ratio']})",
+    ])
+
+
+# --- blocks of jobs on a real mesh --------------------------------------------------------------
+
+def mesh_blocks(validators: int, jobs: int) -> dict[str, Any]:
+    """Start a real mesh, submit `jobs` key-value writes, have every node offer, submit `jobs`
+    jobs, and read how long each validator took to apply the blocks that carried them."""
+    root = temp_root()
+    mesh = LocalMesh(Path(root))
+    try:
+        mesh.up(validators, validators=validators)
+        names = [node_name(i) for i in range(validators)]
+        chain_id = wait_chain(mesh, names, validators, MESH_READY_S)
+        # The baseline first, while no job waits (each block allocates the waiting ones).
+        writer = NodeKey.generate()
+        kv = [sign_tx(writer, chain_id, i, "kv.put", {"key": f"bench/{i}", "value": b"v" * 8})
+              for i in range(1, jobs + 1)]
+        kv_heights = _commit(mesh, names, kv)
+        offers = _offer_everywhere(mesh, names)
+        client = NodeKey.generate()
+        rng = Random(SEED)
+        txs = [sign_tx(client, chain_id, 1, "ledger.faucet", {"amount": 1_000_000})]
+        txs += [sign_tx(client, chain_id, 1 + i, "job.submit", _mesh_job(rng))
+                for i in range(1, jobs + 1)]
+        job_heights = _commit(mesh, names, txs)
+        job_ms = _apply_ms(mesh, names, job_heights)
+        kv_ms = _apply_ms(mesh, names, kv_heights)
+        allocated = call(mesh, names[0], "jobs", {"limit": 10_000})["jobs"]
+        return {"mesh_validators": validators, "mesh_jobs": jobs, "mesh_offers": offers,
+                "mesh_job_blocks": len(job_heights),
+                "mesh_allocated": sum(1 for j in allocated if j["state"] != "queued"),
+                "block_apply_ms_p50": round(statistics.median(job_ms), 2),
+                "kv_block_apply_ms_p50": round(statistics.median(kv_ms), 2),
+                "apply_ratio": round(statistics.median(job_ms) / statistics.median(kv_ms), 2)}
+    finally:
+        try:
+            mesh.down(timeout=10.0)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _offer_everywhere(mesh: LocalMesh, names: list[str]) -> int:
+    """Each node offers 16 cores and 64 GiB at its own price; it registers first (proof of
+    work, plotting), in parallel, as many nodes starting at once would."""
+    errors: list[BaseException] = []
+
+    def offer(i: int) -> None:
+        try:
+            _offer(i)
+        except BaseException as exc:  # noqa: BLE001 - reported from the main thread below
+            errors.append(exc)
+
+    def _offer(i: int) -> None:
+        body = {"cores": 16, "memory_mib": 65_536, "runtimes": ["wasm", "process"],
+                "expires_height": 1_000_000,
+                "price": {"core_hour": 2 + i, "gib_hour": 1, "gpu_hour": 0, "start_fee": 1}}
+        done = call(mesh, names[i], "transaction", {"kind": "offer.commit", "body": body,
+                                                    "wait": MESH_OFFER_S}, timeout=MESH_OFFER_S + 5)
+        if not done.get("ok"):
+            raise BenchError(f"{names[i]}'s offer was refused: {done.get('rejected')}")
+    threads = [threading.Thread(target=offer, args=(i,)) for i in range(len(names))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return len(names)
+
+
+def _mesh_job(rng: Random) -> dict[str, Any]:
+    return {"cores": rng.randint(1, 4), "memory_mib": rng.choice([512, 1024, 4096]),
+            "runtime": rng.choice(["wasm", "wasm", "process"]),
+            "duration_s": rng.randint(60, 3600), "max_price": 1_000,
+            "deadline_height": 1_000_000}
+
+
+def _commit(mesh: LocalMesh, names: list[str], txs: list[Any]) -> set[int]:
+    """Submit `txs` (one sender's, in nonce order) to the first node and wait until all are
+    committed; the heights of the blocks that carried them."""
+    for first in range(0, len(txs), MESH_BATCH):
+        answer = call(mesh, names[0], "submit_txs",
+                      {"txs": [t.encode() for t in txs[first:first + MESH_BATCH]]})
+        refused = [r for r in answer["results"] if not r.get("accepted")]
+        if refused:
+            raise BenchError(f"the mesh refused a transaction: {refused[0].get('error')}")
+    deadline = time.monotonic() + MESH_COMMIT_S
+    heights: set[int] = set()
+    pending = {t.tx_id.hex() for t in txs}
+    while pending:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{len(pending)} transactions were not committed within "
+                             f"{MESH_COMMIT_S:g} s; see the nodes' logs in {mesh.dir}")
+        for block in call(mesh, names[0], "commits", {"after": 0})["commits"]:
+            done = pending.intersection(block["tx_ids"])
+            if done:
+                heights.add(block["height"])
+                pending -= done
+        if pending:
+            time.sleep(0.2)
+    return heights
+
+
+def _apply_ms(mesh: LocalMesh, names: list[str], heights: set[int]) -> list[float]:
+    """How long each validator took to apply each of these blocks."""
+    times = [call(mesh, name, "chain", {"height": h}).get("apply_ms")
+             for name in names for h in sorted(heights)]
+    found = [t for t in times if t is not None]
+    if not found:
+        raise BenchError("no validator reported how long it took to apply the blocks")
+    return found

@@ -79,19 +79,19 @@ class BenchError(HmnodeError):
 # --- the mesh -------------------------------------------------------------------------------
 
 
-def _call(mesh: LocalMesh, name: str, method: str, params: dict[str, Any] | None = None,
+def call(mesh: LocalMesh, name: str, method: str, params: dict[str, Any] | None = None,
           timeout: float = CALL_TIMEOUT_S) -> Any:
     return control.call(mesh.data_dir(name).control_socket, method, params, timeout=timeout)
 
 
-def _temp_root() -> str:
+def temp_root() -> str:
     base = tempfile.gettempdir()
     if len(os.fsencode(base)) + _SOCKET_TAIL > control.MAX_SOCKET_PATH and os.path.isdir("/tmp"):
         base = "/tmp"
     return tempfile.mkdtemp(prefix="hmb-", dir=base)
 
 
-def _wait_chain(mesh: LocalMesh, names: list[str], validators: int, timeout: float) -> str:
+def wait_chain(mesh: LocalMesh, names: list[str], validators: int, timeout: float) -> str:
     """Wait until every node runs the same chain of `validators` validators, each of them
     one of these nodes; the chain id."""
     deadline = time.monotonic() + timeout
@@ -100,7 +100,7 @@ def _wait_chain(mesh: LocalMesh, names: list[str], validators: int, timeout: flo
         chains = []
         for name in names:
             try:
-                chains.append(_call(mesh, name, "status", timeout=2.0)["chain"])
+                chains.append(call(mesh, name, "status", timeout=2.0)["chain"])
             except HmnodeError as exc:
                 last = f"{name}: {exc}"
                 break
@@ -130,7 +130,7 @@ class _Commits:
     def start_here(self) -> None:
         """Forget what came before: only blocks above each node's current head count."""
         for name in self.after:
-            head = _call(self.mesh, name, "status")["chain"]["height"]
+            head = call(self.mesh, name, "status")["chain"]["height"]
             self.after[name] = int(head or 0)
             self.at[name].clear()
             self.blocks[name].clear()
@@ -138,7 +138,7 @@ class _Commits:
     def poll(self, name: str, wanted: set[str] | None = None) -> list[str]:
         """Read `name`'s new commits; the tx ids among `wanted` (all, if None) now committed."""
         fresh: list[str] = []
-        answer = _call(self.mesh, name, "commits", {"after": self.after[name]})
+        answer = call(self.mesh, name, "commits", {"after": self.after[name]})
         for block in answer["commits"]:
             height = int(block["height"])
             if height <= self.after[name]:
@@ -197,7 +197,7 @@ def _warm_up(mesh: LocalMesh, names: list[str], chain_id: str) -> None:
     wanted = {tx.tx_id for txs in signed for tx in txs}
     for name, txs in zip(names, signed):
         if txs:
-            _call(mesh, name, "submit_txs", {"txs": [tx.raw for tx in txs]})
+            call(mesh, name, "submit_txs", {"txs": [tx.raw for tx in txs]})
     commits = _Commits(mesh, names)
     deadline = time.monotonic() + WARMUP_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -245,7 +245,7 @@ def _submitter(mesh: LocalMesh, name: str, queue: deque[_Signed], flow: _Flow,
                 if flow.first_submit is None:
                     flow.first_submit = t0
                 flow.in_flight += len(take)
-            answer = _call(mesh, name, "submit_txs", {"txs": [tx.raw for tx in take]})
+            answer = call(mesh, name, "submit_txs", {"txs": [tx.raw for tx in take]})
             flow.submit_s.append(time.time() - t0)
             again: list[_Signed] = []
             for tx, result in zip(take, answer["results"]):
@@ -377,7 +377,7 @@ def _latency(mesh: LocalMesh, names: list[str], chain_id: str, rate: float,
                 if not take:
                     continue
                 t0 = time.time()
-                answer = _call(mesh, names[v], "submit_txs", {"txs": [tx.raw for tx in take]})
+                answer = call(mesh, names[v], "submit_txs", {"txs": [tx.raw for tx in take]})
                 with lock:
                     for tx, result in zip(take, answer["results"]):
                         # A refused one is sent again with the next batch; the client's wait
@@ -387,7 +387,7 @@ def _latency(mesh: LocalMesh, names: list[str], chain_id: str, rate: float,
                             refused[0] += 1
                             retry.append(tx)
             if retry:
-                _call(mesh, names[v], "submit_txs", {"txs": [tx.raw for tx in retry]})
+                call(mesh, names[v], "submit_txs", {"txs": [tx.raw for tx in retry]})
             finished.append(time.monotonic())
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             failures.append(exc)
@@ -431,7 +431,7 @@ def _wait_drained(mesh: LocalMesh, names: list[str], timeout: float) -> int:
     queue ahead of the latency phase's); the most any node still holds after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
-        held = max(int(_call(mesh, name, "status")["chain"].get("mempool") or 0)
+        held = max(int(call(mesh, name, "status")["chain"].get("mempool") or 0)
                    for name in names)
         if held == 0 or time.monotonic() > deadline:
             return held
@@ -457,14 +457,14 @@ def _one_chain(validators: int, transactions: int, senders: int, batch: int, win
                timeout: float, rate: float | None, duration_s: float,
                progress: Callable[[int], None]) -> dict[str, Any]:
     """Start a chain of `validators` nodes, measure both phases, stop it."""
-    root = _temp_root()
+    root = temp_root()
     mesh = LocalMesh(Path(root))
     try:
         started = time.monotonic()
         records = mesh.up(validators, validators=validators)
         names = [node_name(i) for i in range(len(records))]
         progress(1)
-        chain_id = _wait_chain(mesh, names, validators, READY_TIMEOUT_S + 2.0 * validators)
+        chain_id = wait_chain(mesh, names, validators, READY_TIMEOUT_S + 2.0 * validators)
         _warm_up(mesh, names, chain_id)
         ready_s = time.monotonic() - started
         progress(1)
@@ -492,7 +492,7 @@ def _one_chain(validators: int, transactions: int, senders: int, batch: int, win
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     """The q-quantile by nearest rank (no interpolation beyond the samples)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -504,8 +504,8 @@ def _figures(results: list[dict[str, Any]]) -> dict[str, Any]:
     put = [r["throughput"] for r in results]
     return {
         "tx_per_s": med(p["tx_per_s"] for p in put),
-        "commit_ms_p50": _percentile(lat, 0.5) if lat else None,
-        "commit_ms_p99": _percentile(lat, 0.99) if lat else None,
+        "commit_ms_p50": percentile(lat, 0.5) if lat else None,
+        "commit_ms_p99": percentile(lat, 0.99) if lat else None,
         "commit_ms_max": max(lat) if lat else None,
         "offered": sum(p["offered"] for p in put),
         "committed": sum(p["committed"] for p in put),
