@@ -207,9 +207,25 @@ def status(data_dir: Path | None, as_json: bool) -> None:
                    f"{len(chain_info['validators'])}"
                    + (f", last commit {last:.1f} ms)" if last is not None else ")")
                    + (f" HALTED: {chain_info['halted']}" if chain_info.get("halted") else ""))
+        click.echo(f"standing   {_standing(chain_info.get('registry'))}")
     else:
         click.echo("chain      starting (fetching its genesis)")
     click.echo(f"data dir   {info['data_dir']}")
+
+
+def _standing(registry: dict[str, Any] | None) -> str:
+    """One line on this node's standing in the chain's registry."""
+    if registry is None:
+        return "-"
+    if not registry["registered"]:
+        return "not registered (an offer registers it)"
+    plot = registry["plot"]
+    line = (f"registered with a plot of {plot['n_labels']} labels; "
+            + ("offering" if registry["offering"] else "not offering")
+            + f", beacon period {registry['answered_period']} answered")
+    if registry["suspended"]:
+        line += f"; HELD BACK: {registry['suspended']}"
+    return line
 
 
 @main.command()

@@ -93,7 +93,7 @@ class ChainService:
 
     async def run(self) -> None:
         """Find the genesis, start the chain, and serve until cancelled."""
-        chain = Chain(self.store, MeshStateMachine())
+        chain = Chain(self.store, MeshStateMachine(), stopwatch=time.perf_counter)
         if chain.genesis is None or self.genesis_path is not None:
             # A genesis file for a store that holds another chain is refused by init_genesis.
             chain.init_genesis(await self._genesis())

@@ -265,6 +265,8 @@ def test_credits_through_the_cli_on_a_lone_node(mesh_factory: Any) -> None:
     registry = standing["chain"]["registry"]
     assert registry["registered"] and registry["offering"] and registry["suspended"] is None
     assert registry["plot"]["n_labels"] >= 1024 and registry["answered_period"] == 0
+    shown = hmnode("status", "--data-dir", data_dir).stdout
+    assert "standing   registered with a plot of 1024 labels; offering" in shown
     for runtime in ("wasm", "process"):
         spec = {"cores": 4, "memory_mib": 1024, "runtime": runtime, "duration_s": 3600,
                 "max_price": 100, "deadline_height": 10_000}

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CORES = ["hmnode/membership.py", "hmnode/broadcast.py", "hmnode/adverts.py", "hmnode/gossip_node.py",
          "hmnode/chain_node.py", "consensus/tendermint.py", "consensus/mempool.py",
          "consensus/chain.py", "consensus/validators.py", "consensus/messages.py",
-         "consensus/kvapp.py"]
+         "consensus/kvapp.py", "hmnode/state_machine.py", "hmnode/ledger.py", "hmnode/jobs.py",
+         "hmnode/allocation.py", "hmnode/registry.py"]
 
 BANNED_MODULES = {"socket", "asyncio", "threading", "secrets", "uuid", "subprocess", "lmdb"}
 BANNED_CALLS = {
