@@ -21,6 +21,7 @@ from hmnode.cli.simnet import simnet
 from hmnode.cli.plot import plot
 from hmnode.cli.chain import chain, genesis, kv
 from hmnode.cli.ledger import faucet, jobs, ledger, stake, transfer, unstake
+from hmnode.cli.workloads import cancel, catalog, job_command, result, submit
 
 
 class HmnodeGroup(click.Group):
@@ -45,7 +46,8 @@ main.add_command(plot)
 main.add_command(chain)
 main.add_command(kv)
 main.add_command(genesis)
-for _command in (ledger, stake, unstake, transfer, faucet, jobs):
+for _command in (ledger, stake, unstake, transfer, faucet, jobs, submit, job_command, result,
+                 cancel, catalog):
     main.add_command(_command)
 
 

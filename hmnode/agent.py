@@ -29,6 +29,7 @@ from hmnode.transport.connection import Handlers
 from hmnode.transport.endpoint import ConnectionLimits, Endpoint
 from hmnode.transport.relay import RelayLimits
 from hmnode.transport.traversal import NatTraversal, TraversalConfig
+from hmnode.workloads import WorkloadService, default_offer
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,10 @@ class Agent:
                                   config.bootstrap,
                                   ChainConfig(empty_block_s=config.chain_empty_block_s),
                                   data_dir.path)
+        self.workloads = WorkloadService(key, store, data_dir.path, self.chain, self.mesh,
+                                         self.endpoint)
+        if config.share_enabled:
+            self.chain.offer_source = lambda height: default_offer(self._inventory, height)
         self.control = ControlServer(data_dir.control_socket, {
             "status": self._status,
             "assets": self._assets,
@@ -138,6 +143,7 @@ class Agent:
             "ledger": self._ledger,
             "jobs": self._jobs,
             "commits": self._commits,
+            **self.workloads.methods(),
         })
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -161,6 +167,7 @@ class Agent:
                     Subsystem("mesh", self.mesh.run),
                     Subsystem("nat", self.traversal.run),
                     Subsystem("chain", self.chain.run),
+                    Subsystem("workloads", self.workloads.run),
                 ])
             finally:
                 await self.control.close()

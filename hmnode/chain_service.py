@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from hmnode.identity import NodeId, NodeKey
 from hmnode.consensus.kvapp import KeyValueApp
 from hmnode.ledger import Ledger
 from hmnode.mesh import Mesh
-from hmnode.proof_keeper import OfferNotReady, ProofKeeper
+from hmnode.proof_keeper import OfferNotReady, ProofKeeper, ProofTask
 from hmnode.state_machine import MeshStateMachine
 from hmnode.store import Store
 from hmnode.transport.connection import PeerConnection, RemoteError, TransportError
@@ -46,6 +47,7 @@ MAX_WAITERS = 10_000
 LOCAL_APP_STATE = {"faucet_max": 1_000_000}
 COMMITS_KEPT = 4_096
 PROOF_CHECK_S = 2.0  # how often the node looks for a beacon or challenge it must answer
+OFFER_RENEW_BLOCKS = 500_000  # an offer with fewer blocks than this left is renewed
 
 
 def load_genesis(path: Path) -> Genesis:
@@ -77,6 +79,11 @@ class ChainService:
         # Where this node's plot lives; without one it proves nothing (and cannot offer).
         self.data_dir = data_dir
         self.keeper: ProofKeeper | None = None
+        # Called after every commit (the executor looks for work).
+        self.commit_listeners: list[Callable[[], None]] = []
+        # The offer this node keeps on the chain, given the height (None: it offers nothing).
+        self.offer_source: Callable[[int], dict[str, Any] | None] | None = None
+        self._offer_note = ""
         self.endpoint = endpoint
         self.mesh = mesh
         self.genesis_path = genesis_path
@@ -122,21 +129,56 @@ class ChainService:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(PROOF_CHECK_S)
+            now = time.monotonic()
             try:
-                tasks = keeper.due(time.monotonic())
+                tasks = keeper.due(now)
+                offer = self._offer_task(keeper, now)
             except HmnodeError as exc:
                 log.warning("cannot read this node's standing on the chain: %s", exc)
                 continue
+            tasks += [offer] if offer is not None else []
             for task in tasks:
                 try:
                     body = await loop.run_in_executor(None, task.make)
                     tx = self.sign_and_submit(task.kind, body)
+                except OfferNotReady as exc:
+                    if str(exc) != self._offer_note:  # said once, not every retry
+                        self._offer_note = str(exc)
+                        log.info("this node does not offer yet: %s", exc)
+                    continue
                 except (HmnodeError, OSError, ValueError) as exc:
                     log.warning("cannot submit %s: %s", task.kind, exc)
                     continue
                 log.info("submitted %s for %s %d", task.kind, *task.key,
                          extra={"event": "proof_submitted", "kind": task.kind,
                                 "tx_id": tx.tx_id.hex()})
+
+    def _offer_task(self, keeper: ProofKeeper, now: float) -> ProofTask | None:
+        """The next step towards keeping this node's offer on the chain: registering, offering,
+        or renewing an offer that has used half its life."""
+        if self.offer_source is None or self.node is None:
+            return None
+        height = self.node.head.height
+        body = self.offer_source(height)
+        if body is None:
+            return None
+        standing = keeper.standing()
+        if standing.offering and standing.offer_expires - height > OFFER_RENEW_BLOCKS:
+            return None
+        return keeper.keep_offer(body, now, renew=standing.offering)
+
+    def head_height(self) -> int:
+        return self._ready().head.height
+
+    def block_times(self, heights: list[int]) -> dict[int, int]:
+        """Each committed height's block time (ms since the epoch)."""
+        chain = self._ready().chain
+        out = {}
+        for height in set(heights):
+            found = chain.block(height) if height > 0 else None
+            if found is not None:
+                out[height] = found[0].header.time_ms
+        return out
 
     async def prepare_offer(self, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         """`body` with the proofs an offer carries; registers this node first (proof of work,
@@ -210,6 +252,8 @@ class ChainService:
             for future in self._waiters.pop(tx.tx_id, []):
                 if not future.done():
                     future.set_result(head.height)
+        for listener in self.commit_listeners:
+            listener()
 
     # --- control methods ------------------------------------------------------------------------
 
@@ -348,7 +392,15 @@ def job_json(job_id: bytes, record: dict[str, Any]) -> dict[str, Any]:
             "resources": {"cores": cores, "memory_mib": memory, "runtime": runtime,
                           "duration_s": duration, "gpu_count": gpu_count, "gpu_model": gpu_model},
             "history": [{"state": s, "height": h} for s, h in record["history"]],
+            "program": _program_json(record.get("program")),
             "receipt": _receipt_json(record.get("receipt"))}
+
+
+def _program_json(program: dict[str, Any] | None) -> dict[str, Any] | None:
+    if program is None:
+        return None
+    return {"blob": program["blob"].hex(), "args": program["args"],
+            "stdin": None if program["stdin"] is None else program["stdin"].hex()}
 
 
 def _receipt_json(receipt: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -197,6 +197,10 @@ class Config:
         "chain.empty_block_s", 60.0, _seconds(1, 86400 * 7), "HMNODE_CHAIN_EMPTY_BLOCK_S",
         "seconds after the last block before validators commit an empty one",
     )
+    share_enabled: bool = _setting(
+        "share.enabled", True, _flag, "HMNODE_SHARE_ENABLED",
+        "offer this machine's cores and half its memory to the mesh, for the wasm runtime",
+    )
     log_level: str = _setting(
         "log.level", "info", _choice("debug", "info", "warning", "error"), "HMNODE_LOG_LEVEL",
         "least severe log level written",

@@ -28,6 +28,8 @@ MAX_RUNTIMES = 4
 RUNTIMES = ("wasm", "process")
 MAX_QUEUED_PER_BLOCK = 2_000  # jobs considered per block, oldest first
 MAX_MODEL = 64
+MAX_ARGS = 32
+MAX_ARG_CHARS = 1024
 QUEUED, ALLOCATED = b"q", b"a"
 SEQ_KEY = "job_seq"  # in the state table: jobs submitted so far, which orders the queue
 
@@ -84,6 +86,27 @@ def parse_job(job_id: bytes, body: dict, height: int) -> tuple[Job, int]:
     return job, deadline
 
 
+def parse_program(body: dict) -> dict | None:
+    """A `job.submit` body's "program": {"blob": the program's blob id, "args": [text, ...],
+    "stdin": a blob id or absent}; None when the job names none (it reserves resources only,
+    and its node has nothing to run)."""
+    program = body.get("program")
+    if program is None:
+        return None
+    if not isinstance(program, dict):
+        raise LedgerRefused("program is a map of blob, args and stdin")
+    blob, stdin, args = program.get("blob"), program.get("stdin"), program.get("args", [])
+    if not isinstance(blob, bytes) or len(blob) != 32:
+        raise LedgerRefused("program.blob is the program's 32-byte blob id")
+    if stdin is not None and (not isinstance(stdin, bytes) or len(stdin) != 32):
+        raise LedgerRefused("program.stdin is a 32-byte blob id")
+    if not isinstance(args, list) or len(args) > MAX_ARGS or any(
+            not isinstance(a, str) or len(a) > MAX_ARG_CHARS for a in args):
+        raise LedgerRefused(f"program.args is at most {MAX_ARGS} texts of at most "
+                            f"{MAX_ARG_CHARS} characters")
+    return {"blob": blob, "args": args, "stdin": stdin}
+
+
 class JobBook:
     """Offers and jobs as seen through one write transaction."""
 
@@ -109,13 +132,15 @@ class JobBook:
 
     def submit(self, owner: bytes, job_id: bytes, body: dict, height: int) -> None:
         job, deadline = parse_job(job_id, body, height)
+        program = parse_program(body)
         self.ledger.lock(owner, job_id, job.max_price)  # refuses without the balance
         seq = self.txn.get(schema.STATE, SEQ_KEY, 0) + 1
         self.txn.put(schema.STATE, SEQ_KEY, seq)
         self.txn.put(schema.JOBS, job_id, {
             "owner": owner, "spec": _job_wire(job), "deadline": deadline, "submitted": height,
             "seq": seq, "state": "queued", "node": None, "cost": None,
-            "reason": "not yet considered", "history": [["queued", height]]})
+            "reason": "not yet considered", "history": [["queued", height]],
+            "program": program})
         self.txn.put(schema.JOB_INDEX, _queued_key(seq, job_id), job_id)
 
     def withdraw_offer(self, node: bytes) -> None:

@@ -47,6 +47,7 @@ class Standing:
     beacon: Beacon
     registered: dict | None
     offering: bool
+    offer_expires: int  # the height its offer expires at (0 without one)
     stake: int
     validators: tuple[bytes, ...]
 
@@ -78,9 +79,10 @@ class ProofKeeper:
 
         def read(txn: Any) -> Standing:
             registry = NodeRegistry(txn)
+            offer = txn.get(schema.OFFERS, me)
             return Standing(MeshStateMachine().params(txn), registry.beacon(), registry.node(me),
-                            txn.get(schema.OFFERS, me) is not None, Ledger(txn).stake(me),
-                            validators)
+                            offer is not None, 0 if offer is None else offer["offer"][4],
+                            Ledger(txn).stake(me), validators)
         return self.chain.storage.read(read)
 
     # --- the plot -------------------------------------------------------------------------------
@@ -142,11 +144,12 @@ class ProofKeeper:
         return ProofTask(("register", 0), "node.register",
                          lambda: self.prover(standing).register(chain_id, work_bits))
 
-    def keep_offer(self, body: dict, now: float) -> ProofTask | None:
+    def keep_offer(self, body: dict, now: float, renew: bool = False) -> ProofTask | None:
         """The next step towards this node offering `body`: its registration, then the offer
-        itself; None once it offers (or while the step handed out last is still young)."""
+        itself; None once it offers (unless `renew`), or while the step handed out last is
+        still young."""
         standing = self.standing()
-        if standing.offering:
+        if standing.offering and not renew:
             return None
         task = self.registration(standing) or ProofTask(("offer", 0), "offer.commit",
                                                          lambda: self.offer_body(body))

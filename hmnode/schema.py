@@ -244,10 +244,17 @@ JOB_INDEX: Table[bytes, bytes] = Table("job_index", BytesKey, AnyCodec())
 # "answered": the last beacon period its space proof answered, "suspended": why, or None}.
 NODES: Table[bytes, dict] = Table("nodes", BytesKey, AnyCodec())
 
+# This node's own workloads (not replicated): blobs it holds by id ({"size", "pinned", "added",
+# "used"}; the bytes are files, hmnode.blobs), and the jobs it runs or ran by job id
+# ({"state": running | finished | reported, "started", "finished", "result", "receipt"}).
+BLOBS: Table[bytes, dict] = Table("blobs", BytesKey, AnyCodec())
+EXECUTIONS: Table[bytes, dict] = Table("executions", BytesKey, AnyCodec())
+
 TABLES: tuple[Table, ...] = (META, RUNS, EVENTS, INVENTORY, PEERS, ADVERTS, CHAIN, BLOCKS,
                              CERTIFICATES, TX_RESULTS, NONCES, VALIDATOR_SETS, SIGNER, EVIDENCE,
                              KV, KV_POWER, LEDGER_ACCOUNTS, LEDGER_UNBONDING, LEDGER_ESCROW,
-                             LEDGER_TOTALS, STATE, SLASHED, OFFERS, JOBS, JOB_INDEX, NODES)
+                             LEDGER_TOTALS, STATE, SLASHED, OFFERS, JOBS, JOB_INDEX, NODES,
+                             BLOBS, EXECUTIONS)
 
 # Keys of the meta table.
 META_SCHEMA_VERSION = "schema_version"

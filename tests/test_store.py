@@ -239,6 +239,9 @@ RECORDS = {
     "jobs": (st.binary(min_size=32, max_size=32), st.dictionaries(texts, msgpack_scalars, max_size=5)),
     "job_index": (st.binary(min_size=1, max_size=41), st.binary(max_size=32)),
     "nodes": (st.binary(min_size=32, max_size=32), st.dictionaries(texts, msgpack_scalars, max_size=4)),
+    "blobs": (st.binary(min_size=32, max_size=32), st.dictionaries(texts, msgpack_scalars, max_size=4)),
+    "executions": (st.binary(min_size=32, max_size=32),
+                   st.dictionaries(texts, msgpack_scalars, max_size=5)),
 }
 
 

@@ -1,0 +1,81 @@
+"""Blobs between nodes over QUIC: the `blob.get` RPC serves a blob in chunks, and `fetch_blob`
+pulls one chunk at a time (each request waits for its answer, which is the backpressure),
+checks the whole against its id and keeps it. A blob that arrives damaged is refused and
+fetched once more before the fetch fails."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+from hmnode.blobs import HASH_BYTES, MAX_BLOB_BYTES, BlobCorrupt, BlobMissing, BlobStore
+from hmnode.transport.connection import PeerConnection, RemoteError
+
+CHUNK_BYTES = 256 << 10  # well under a frame's 1 MiB
+FETCH_ATTEMPTS = 2
+CHUNK_TIMEOUT_S = 30.0
+
+
+class BlobServer:
+    """Answers `blob.get` {"id", "offset"} with {"size", "data"} from this node's blobs."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+
+    async def serve(self, conn: PeerConnection, body: Any) -> Any:
+        digest = body.get("id") if isinstance(body, dict) else None
+        offset = body.get("offset", 0) if isinstance(body, dict) else None
+        if not isinstance(digest, bytes) or len(digest) != HASH_BYTES or isinstance(
+                offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise RemoteError("bad_request", "blob.get takes {id: 32 bytes, offset: int >= 0}")
+        path = self.blobs.path(digest)
+        try:
+            with path.open("rb") as f:
+                size = f.seek(0, 2)
+                f.seek(offset)
+                data = f.read(CHUNK_BYTES)
+        except FileNotFoundError:
+            raise RemoteError("not_found", f"this node does not hold blob {digest.hex()}") from None
+        return {"size": size, "data": data}
+
+
+async def fetch_blob(conn: PeerConnection, digest: bytes, blobs: BlobStore,
+                     progress: Callable[[int, int], None] | None = None,
+                     pin: bool = False) -> bytes:
+    """Pull blob `digest` from the peer of `conn`, check it, keep it in `blobs`; its bytes.
+    BlobMissing if the peer lacks it, BlobCorrupt if it arrives damaged twice."""
+    for attempt in range(FETCH_ATTEMPTS):
+        data = await _pull(conn, digest, progress)
+        if hashlib.sha256(data).digest() == digest:
+            blobs.put(data, pin=pin)
+            return data
+    raise BlobCorrupt(f"blob {digest.hex()} arrived damaged {FETCH_ATTEMPTS} times from "
+                      f"{conn.peer_id}; it was not kept")
+
+
+async def _pull(conn: PeerConnection, digest: bytes,
+                progress: Callable[[int, int], None] | None) -> bytes:
+    parts: list[bytes] = []
+    got, size = 0, None
+    while size is None or got < size:
+        try:
+            answer = await conn.request("blob.get", {"id": digest, "offset": got},
+                                        timeout=CHUNK_TIMEOUT_S)
+        except RemoteError as exc:
+            if exc.code == "not_found":
+                raise BlobMissing(f"{conn.peer_id} does not hold blob {digest.hex()}") from None
+            raise
+        chunk, total = answer.get("data"), answer.get("size")
+        if not isinstance(chunk, bytes) or isinstance(total, bool) or not isinstance(total, int) \
+                or not 0 <= total <= MAX_BLOB_BYTES or (size is not None and total != size) \
+                or (not chunk and got < total):
+            raise BlobCorrupt(f"{conn.peer_id} sent a malformed chunk of blob {digest.hex()}")
+        size = total
+        parts.append(chunk)
+        got += len(chunk)
+        if got > size:
+            raise BlobCorrupt(f"{conn.peer_id} sent more of blob {digest.hex()} than its size")
+        if progress is not None:
+            progress(got, size)
+    return b"".join(parts)

@@ -1,0 +1,215 @@
+"""Runs the jobs the chain allocates to this node, and reports each with a signed receipt.
+
+After every commit the executor looks for jobs allocated to this node that it has not run. For
+each it first records the execution in LMDB (`schema.EXECUTIONS`, state "running"), fetches
+the program and stdin blobs (kept here, or pulled from the job's owner over QUIC), runs it in
+its runtime's sandbox, keeps the result as a blob (exit code, why it ended, stdout, stderr: the
+result hash is its id), records it ("finished") and submits the receipt ("reported").
+
+Nothing is dropped silently: a node restarted in the middle of a job finds it "running" and
+runs it again while the job is still allocated to it; one that finished but was not reported
+is reported; a job that cannot run (no program, a runtime this node lacks, a blob nobody
+serves) is reported with that reason as its result and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from hmnode import schema
+from hmnode.blob_transfer import fetch_blob
+from hmnode.blobs import BlobStore
+from hmnode.errors import HmnodeError
+from hmnode.identity import NodeId, NodeKey
+from hmnode.store import Store
+from hmnode.transport.connection import TransportError
+from hmnode.wasm_runtime import WasmLimits, WasmRuntime
+
+log = logging.getLogger(__name__)
+
+RUNNING, FINISHED, REPORTED = "running", "finished", "reported"
+SCAN_S = 2.0  # looks for work at least this often, besides after every commit
+RECEIPT_RETRY_S = 30.0  # a receipt not committed by then is submitted again
+EXIT_CANNOT_RUN = 125  # the job never started (as a shell reports a command it cannot run)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run produced, as the result blob holds it."""
+
+    exit_code: int
+    reason: str
+    stdout: bytes
+    stderr: bytes
+    wall_ms: int = 0
+    cpu_ms: int = 0
+    fuel: int = 0
+    peak_memory_mib: int = 0
+
+    def result_blob(self) -> bytes:
+        """The bytes whose id is the receipt's result hash: only what the program decides
+        (its exit, why it ended, its output), so replicas of a deterministic job agree."""
+        return msgpack.packb({"exit_code": self.exit_code, "reason": self.reason,
+                              "stdout": self.stdout, "stderr": self.stderr}, use_bin_type=True)
+
+
+def read_result(data: bytes) -> dict[str, Any]:
+    """A result blob's fields (exit_code, reason, stdout, stderr); HmnodeError if it is not one."""
+    try:
+        result = msgpack.unpackb(data, raw=False)
+    except Exception:  # msgpack raises many types for bad input
+        result = None
+    if not isinstance(result, dict) or not {"exit_code", "reason", "stdout", "stderr"} <= set(result):
+        raise HmnodeError("this blob is not a job result")
+    return result
+
+
+class JobExecutor:
+    """This node's side of the jobs allocated to it."""
+
+    def __init__(self, key: NodeKey, store: Store, blobs: BlobStore, chain: Any, mesh: Any,
+                 work_dir: Path, wasm: WasmRuntime, slots: int = 2) -> None:
+        self.key = key
+        self.store = store
+        self.blobs = blobs
+        self.chain = chain  # ChainService: sign_and_submit, tx_result
+        self.mesh = mesh  # Mesh: connect, addresses_of
+        self.work_dir = work_dir
+        self.wasm = wasm
+        self._slots = asyncio.Semaphore(slots)
+        self._wake = asyncio.Event()
+        self._active: dict[bytes, asyncio.Task] = {}
+
+    def wake(self) -> None:
+        """A block committed: look for new work."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Look for work after each commit (and every SCAN_S) until cancelled."""
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), SCAN_S)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
+                try:
+                    self._scan()
+                except HmnodeError as exc:
+                    log.warning("cannot look for jobs to run: %s", exc)
+        finally:
+            for task in self._active.values():
+                task.cancel()
+
+    def _scan(self) -> None:
+        me = self.key.node_id.key
+
+        def read(txn: Any) -> list[tuple[bytes, dict, dict | None]]:
+            mine = []
+            for key, job_id in txn.items(schema.JOB_INDEX):
+                if key[:1] != b"a":
+                    continue
+                record = txn.get(schema.JOBS, job_id)
+                if record["node"] == me:
+                    mine.append((job_id, record, txn.get(schema.EXECUTIONS, job_id)))
+            return mine
+        now = time.time()
+        for job_id, record, execution in self.store.read(read):
+            if job_id in self._active:
+                continue
+            state = None if execution is None else execution["state"]
+            if state == REPORTED and now - execution["reported"] < RECEIPT_RETRY_S:
+                continue
+            if state == RUNNING:
+                log.warning("job %s was running when this node stopped; running it again",
+                            job_id.hex(), extra={"event": "job_interrupted",
+                                                 "job_id": job_id.hex()})
+            task = asyncio.ensure_future(self._handle(job_id, record, execution))
+            self._active[job_id] = task
+            task.add_done_callback(lambda _, j=job_id: self._active.pop(j, None))
+
+    async def _handle(self, job_id: bytes, record: dict, execution: dict | None) -> None:
+        try:
+            if execution is None or execution["state"] == RUNNING:
+                async with self._slots:
+                    execution = await self._execute(job_id, record)
+            self._report(job_id, execution)
+        except Exception:  # noqa: BLE001 - one job's failure must not stop the others
+            log.exception("job %s failed in this node's executor", job_id.hex())
+
+    async def _execute(self, job_id: bytes, record: dict) -> dict:
+        started = time.time()
+        self._put(job_id, {"state": RUNNING, "started": started})
+        log.info("job %s started", job_id.hex(), extra={"event": "job_started",
+                                                       "job_id": job_id.hex()})
+        outcome = await self._outcome(job_id, record)
+        digest = self.blobs.put(outcome.result_blob(), pin=True)
+        execution = {"state": FINISHED, "started": started, "finished": time.time(),
+                     "result": {"result_hash": digest, "exit_code": outcome.exit_code,
+                                "reason": outcome.reason, "wall_ms": outcome.wall_ms,
+                                "cpu_ms": outcome.cpu_ms, "fuel": outcome.fuel,
+                                "peak_memory_mib": outcome.peak_memory_mib}}
+        self._put(job_id, execution)
+        log.info("job %s finished: exit %d, %s", job_id.hex(), outcome.exit_code, outcome.reason,
+                 extra={"event": "job_finished", "job_id": job_id.hex()})
+        return execution
+
+    async def _outcome(self, job_id: bytes, record: dict) -> Outcome:
+        cores, memory_mib, runtime, duration_s, *_ = record["spec"]
+        program = record.get("program")
+        if program is None:
+            return Outcome(EXIT_CANNOT_RUN, "the job names no program to run", b"", b"")
+        if runtime != "wasm":
+            return Outcome(EXIT_CANNOT_RUN, f"this node cannot run the {runtime} runtime yet",
+                           b"", b"")
+        owner = NodeId(record["owner"])
+        try:
+            code = await self._blob(program["blob"], owner)
+            stdin = b"" if program["stdin"] is None else await self._blob(program["stdin"], owner)
+        except (HmnodeError, TransportError) as exc:
+            return Outcome(EXIT_CANNOT_RUN, f"cannot get the job's blobs: {exc}", b"", b"")
+        work = self.work_dir / job_id.hex()
+        shutil.rmtree(work, ignore_errors=True)  # what a run interrupted here left
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, self.wasm.run, code, list(program["args"]), stdin, work / "scratch",
+                work / "run", WasmLimits(time_s=float(duration_s), memory_mib=memory_mib))
+        except HmnodeError as exc:
+            return Outcome(EXIT_CANNOT_RUN, str(exc), b"", b"")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return Outcome(result.exit_code, result.reason, result.stdout, result.stderr,
+                       result.wall_ms, result.cpu_ms, result.fuel, result.peak_memory_mib)
+
+    async def _blob(self, digest: bytes, owner: NodeId) -> bytes:
+        """A blob from this node's store, else pulled from the job's owner."""
+        if self.blobs.has(digest):
+            return self.blobs.get(digest)
+        addresses = self.mesh.addresses_of(owner)
+        conn = await self.mesh.connect(owner, addresses[0] if addresses else None)
+        return await fetch_blob(conn, digest, self.blobs)
+
+    def _report(self, job_id: bytes, execution: dict) -> None:
+        result = execution["result"]
+        body = {"job_id": job_id, **{k: result[k] for k in (
+            "result_hash", "exit_code", "wall_ms", "cpu_ms", "fuel", "peak_memory_mib")}}
+        tx = self.chain.sign_and_submit("job.receipt", body)
+        self._put(job_id, {**execution, "state": REPORTED, "reported": time.time(),
+                           "receipt_tx": tx.tx_id})
+        log.info("job %s reported (receipt %s)", job_id.hex(), tx.tx_id.hex(),
+                 extra={"event": "job_reported", "job_id": job_id.hex()})
+
+    def _put(self, job_id: bytes, execution: dict) -> None:
+        self.store.write(lambda txn: txn.put(schema.EXECUTIONS, job_id, execution))
+
+    def execution(self, job_id: bytes) -> dict | None:
+        """This node's record of running `job_id`, if it ran it."""
+        return self.store.read(lambda txn: txn.get(schema.EXECUTIONS, job_id))

@@ -1,0 +1,154 @@
+"""A running node's workloads: its blobs (kept and served over QUIC), the executor that runs the
+jobs allocated to it, the offer it keeps on the chain, and the control methods behind
+`hmnode submit`, `hmnode job` and `hmnode result`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hmnode import schema
+from hmnode.blob_transfer import BlobServer, fetch_blob
+from hmnode.blobs import BlobMissing, BlobStore
+from hmnode.chain_service import ChainService, job_json
+from hmnode.control import MethodError
+from hmnode.errors import HmnodeError
+from hmnode.executor import JobExecutor, read_result
+from hmnode.hardware import Inventory
+from hmnode.identity import NodeId, NodeKey
+from hmnode.store import Store
+from hmnode.transport.connection import TransportError
+from hmnode.wasm_runtime import WasmRuntime
+
+log = logging.getLogger(__name__)
+
+# What a node offers by default: half its memory, all its cores, the wasm runtime, at these
+# prices (credits per core-hour, GiB-hour, GPU-hour, and per start). Pricing rules come later.
+DEFAULT_PRICE = {"core_hour": 10, "gib_hour": 1, "gpu_hour": 100, "start_fee": 1}
+OFFER_BLOCKS = 1_000_000  # how long an offer stands (it is renewed when half of that is gone)
+MAX_PROGRAM_BYTES = 64 << 20
+DEFAULT_DEADLINE_BLOCKS = 1_000
+SETTLED_STATES = ("settled", "expired", "cancelled", "lapsed")
+
+
+def default_offer(inventory: Inventory | None, height: int) -> dict[str, Any] | None:
+    """The offer this node keeps on the chain, from what it measured (None until it has)."""
+    if inventory is None:
+        return None
+    return {"cores": max(1, inventory.cpu.logical_cores),
+            "memory_mib": max(64, inventory.memory.total_bytes // 2 >> 20),
+            "runtimes": ["wasm"], "price": dict(DEFAULT_PRICE),
+            "expires_height": height + OFFER_BLOCKS}
+
+
+class WorkloadService:
+    """Blobs, the executor and the workload control methods of one node."""
+
+    def __init__(self, key: NodeKey, store: Store, data_dir: Path, chain: ChainService,
+                 mesh: Any, endpoint: Any) -> None:
+        self.key = key
+        self.store = store
+        self.chain = chain
+        self.mesh = mesh
+        self.blobs = BlobStore(data_dir / "blobs", store)
+        self.wasm = WasmRuntime(data_dir / "cache" / "wasm")
+        self.executor = JobExecutor(key, store, self.blobs, chain, mesh, data_dir / "work",
+                                    self.wasm)
+        endpoint.handlers.rpc = {**endpoint.handlers.rpc, "blob.get": BlobServer(self.blobs).serve}
+        chain.commit_listeners.append(self.executor.wake)
+
+    async def run(self) -> None:
+        try:
+            await self.executor.run()
+        finally:
+            self.wasm.close()
+
+    def methods(self) -> dict[str, Any]:
+        """The control methods this service answers."""
+        return {"submit_job": self._submit_job, "job": self._job, "job_result": self._job_result}
+
+    # --- control methods ------------------------------------------------------------------------
+
+    async def _submit_job(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        program, stdin = params.get("program"), params.get("stdin")
+        if not isinstance(program, bytes) or not 0 < len(program) <= MAX_PROGRAM_BYTES:
+            raise MethodError("bad_request", f"program is 1..{MAX_PROGRAM_BYTES} bytes")
+        if stdin is not None and not isinstance(stdin, bytes):
+            raise MethodError("bad_request", "stdin is bytes")
+        spec = params.get("spec")
+        if not isinstance(spec, dict):
+            raise MethodError("bad_request", "spec is a map (runtime, resources, price, ...)")
+        body = dict(spec)
+        args = body.pop("args", [])
+        deadline_blocks = body.pop("deadline_blocks", DEFAULT_DEADLINE_BLOCKS)
+        if isinstance(deadline_blocks, bool) or not isinstance(deadline_blocks, int):
+            raise MethodError("bad_request", "spec.deadline_blocks is a number of blocks")
+        body.setdefault("deadline_height", self.chain.head_height() + deadline_blocks)
+        # The blobs stay here, pinned: the node that runs the job pulls them from this one.
+        body["program"] = {"blob": self.blobs.put(program, pin=True), "args": args,
+                           "stdin": None if stdin is None else self.blobs.put(stdin, pin=True)}
+        try:
+            tx = self.chain.sign_and_submit("job.submit", body)
+        except HmnodeError as exc:
+            raise MethodError("refused", str(exc)) from None
+        wait = params.get("wait", 10)
+        try:
+            await self.chain.wait_committed(tx.tx_id, float(wait))
+        except TimeoutError:
+            raise MethodError("timeout", f"job {tx.tx_id.hex()} was not committed within "
+                                         f"{wait} s; it may still be") from None
+        done = self.chain.tx_result(tx.tx_id) or {}
+        if not done.get("ok"):
+            raise MethodError("refused", f"the chain refused the job: {done.get('rejected')}")
+        return {"job_id": tx.tx_id.hex(), "height": done["height"]}
+
+    def _record(self, params: Mapping[str, Any]) -> tuple[bytes, dict]:
+        try:
+            job_id = bytes.fromhex(str(params.get("job_id")))
+        except ValueError:
+            job_id = b""
+        record = self.store.read(lambda txn: txn.get(schema.JOBS, job_id)) if job_id else None
+        if record is None:
+            raise MethodError("not_found", f"no job {params.get('job_id')} on this chain")
+        return job_id, record
+
+    async def _job(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """A job with its history: each state with its height and that block's time, and this
+        node's run of it (started, finished) where it ran it."""
+        job_id, record = self._record(params)
+        out = job_json(job_id, record)
+        times = self.chain.block_times([h for _, h in record["history"]])
+        out["history"] = [{"state": s, "height": h, "at": times.get(h)}
+                          for s, h in record["history"]]
+        execution = self.executor.execution(job_id)
+        if execution is not None:
+            out["execution"] = {"state": execution["state"], "started": execution.get("started"),
+                                "finished": execution.get("finished"),
+                                "reason": (execution.get("result") or {}).get("reason")}
+        return out
+
+    async def _job_result(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """A settled job's result: fetched from the node that ran it unless kept here."""
+        job_id, record = self._record(params)
+        receipt = record.get("receipt")
+        if receipt is None:
+            raise MethodError("not_ready", f"job {job_id.hex()} is {record['state']}; it has no "
+                                           "result" + ("" if record["state"] in SETTLED_STATES
+                                                       else " yet"))
+        digest = receipt["result_hash"]
+        try:
+            if self.blobs.has(digest):
+                data = self.blobs.get(digest)
+            else:
+                node = NodeId(record["node"])
+                addresses = self.mesh.addresses_of(node)
+                conn = await self.mesh.connect(node, addresses[0] if addresses else None)
+                data = await fetch_blob(conn, digest, self.blobs)
+            result = read_result(data)
+        except (BlobMissing, TransportError, HmnodeError) as exc:
+            raise MethodError("unavailable", f"cannot get the result of job {job_id.hex()}: "
+                                             f"{exc}") from None
+        return {"job_id": job_id.hex(), "result_hash": digest.hex(), **result,
+                "node": str(NodeId(record["node"])), "receipt": job_json(job_id, record)["receipt"]}
