@@ -35,6 +35,7 @@ from hmnode.mesh import Mesh
 from hmnode.proof_keeper import OfferNotReady, ProofKeeper, ProofTask
 from hmnode.state_machine import MeshStateMachine
 from hmnode.store import Store
+from hmnode.supervisor import in_daemon_thread
 from hmnode.transport.connection import PeerConnection, RemoteError, TransportError
 from hmnode.transport.endpoint import Endpoint
 
@@ -45,6 +46,9 @@ GENESIS_RETRY_S = 2.0
 MAX_WAITERS = 10_000
 # A lone node's chain, and `hmnode simnet up`'s, is a local mesh: it has a faucet.
 LOCAL_APP_STATE = {"faucet_max": 1_000_000}
+# What a lone node's own chain gives its account at genesis, so that `hmnode submit` works on
+# a fresh node (its jobs pay itself).
+LONE_NODE_CREDITS = 10_000
 COMMITS_KEPT = 4_096
 PROOF_CHECK_S = 2.0  # how often the node looks for a beacon or challenge it must answer
 OFFER_RENEW_BLOCKS = 500_000  # an offer with fewer blocks than this left is renewed
@@ -126,7 +130,6 @@ class ChainService:
     async def _keep_proofs(self, keeper: ProofKeeper) -> None:
         """Make and submit the proofs the chain asks of this node (beacons, space answers);
         the work and the VDF take seconds of CPU, so they run off the event loop."""
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(PROOF_CHECK_S)
             now = time.monotonic()
@@ -139,7 +142,7 @@ class ChainService:
             tasks += [offer] if offer is not None else []
             for task in tasks:
                 try:
-                    body = await loop.run_in_executor(None, task.make)
+                    body = await in_daemon_thread(task.make, name="hmnode-proof")
                     tx = self.sign_and_submit(task.kind, body)
                 except OfferNotReady as exc:
                     if str(exc) != self._offer_note:  # said once, not every retry
@@ -186,13 +189,12 @@ class ChainService:
         keeper = self.keeper
         if keeper is None:
             raise ChainNotReady("this node keeps no plot, so it cannot prove an offer")
-        loop = asyncio.get_running_loop()
         standing = keeper.standing()
         # Plotting (the first time) is seconds of disk and CPU: not on the event loop.
-        await loop.run_in_executor(None, keeper.plot, standing.params.min_plot_labels)
+        await in_daemon_thread(keeper.plot, standing.params.min_plot_labels, name="hmnode-plot")
         task = keeper.registration(standing)
         if task is not None:
-            tx = self.sign_and_submit(task.kind, await loop.run_in_executor(None, task.make))
+            tx = self.sign_and_submit(task.kind, await in_daemon_thread(task.make))
             try:
                 await self.wait_committed(tx.tx_id, timeout)
             except TimeoutError:
@@ -211,7 +213,9 @@ class ChainService:
         if not self.bootstrap:
             me = self.key.node_id
             return Genesis(f"hmnode-{me.short()}", int(time.time() * 1000),
-                           ValidatorSet.of([(me.key, 1)]), app_state=LOCAL_APP_STATE)
+                           ValidatorSet.of([(me.key, 1)]),
+                           app_state=dict(LOCAL_APP_STATE,
+                                          balances={str(me): LONE_NODE_CREDITS}))
         failures = 0
         while True:
             for peer in self.bootstrap:

@@ -30,6 +30,7 @@ from hmnode.blobs import BlobStore
 from hmnode.errors import HmnodeError
 from hmnode.identity import NodeId, NodeKey
 from hmnode.store import Store
+from hmnode.supervisor import in_daemon_thread
 from hmnode.transport.connection import TransportError
 from hmnode.wasm_runtime import WasmLimits, WasmRuntime
 
@@ -179,9 +180,10 @@ class JobExecutor:
         work = self.work_dir / job_id.hex()
         shutil.rmtree(work, ignore_errors=True)  # what a run interrupted here left
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                None, self.wasm.run, code, list(program["args"]), stdin, work / "scratch",
-                work / "run", WasmLimits(time_s=float(duration_s), memory_mib=memory_mib))
+            result = await in_daemon_thread(
+                self.wasm.run, code, list(program["args"]), stdin, work / "scratch",
+                work / "run", WasmLimits(time_s=float(duration_s), memory_mib=memory_mib),
+                name=f"hmnode-job-{job_id.hex()[:8]}")
         except HmnodeError as exc:
             return Outcome(EXIT_CANNOT_RUN, str(exc), b"", b"")
         finally:

@@ -151,14 +151,19 @@ class ProofKeeper:
         standing = self.standing()
         if standing.offering and not renew:
             return None
-        task = self.registration(standing) or ProofTask(("offer", 0), "offer.commit",
-                                                         lambda: self.offer_body(body))
+        height = self.chain.head().height
+        task = self.registration(standing) or ProofTask(
+            ("offer", 0), "offer.commit", lambda: self._offer_body(standing, body, height))
         return task if self._hand_out(task.key, now) else None
 
     def offer_body(self, body: dict) -> dict:
         """`body` with the proofs an offer carries (space for the current beacon, and all this
         node's bonded stake); OfferNotReady before the node's registration is committed."""
-        standing = self.standing()
+        return self._offer_body(self.standing(), body, self.chain.head().height)
+
+    def _offer_body(self, standing: Standing, body: dict, height: int) -> dict:
+        """As `offer_body`, from a standing already read (this runs off the event loop, where
+        the store is not read)."""
         if standing.registered is None:
             raise OfferNotReady("this node is not registered yet: its registration is "
                                 "submitted first, then the offer")
@@ -168,7 +173,7 @@ class ProofKeeper:
                              f"credits staked; this node has {standing.stake}: "
                              "run `hmnode stake AMOUNT` first")
         proofs = self.prover(standing).offer_proofs(
-            self.chain.chain_id, standing.beacon.value, standing.stake, self.chain.head().height)
+            self.chain.chain_id, standing.beacon.value, standing.stake, height)
         return dict(body, proofs=proofs)
 
     def describe(self) -> dict[str, Any]:

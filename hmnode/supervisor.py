@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,3 +73,32 @@ async def _run(subsystem: Subsystem) -> None:
 def _describe(name: str, task: asyncio.Task) -> str:
     exc = task.exception()
     return f"{name}: {type(exc).__name__}: {exc}"
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any, name: str = "hmnode-work") -> T:
+    """`fn(*args)` on a daemon thread of its own, awaited. For seconds of CPU (a proof, a
+    sandboxed job) that cannot be interrupted: a pool thread would hold the process at exit
+    until it finished, and SIGTERM must stop the node within 5 s (an unfinished job is found
+    "running" in the store and run again at the next start)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop has closed: nobody waits any more
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return await future

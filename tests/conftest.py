@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+from hmnode.simnet.local import LocalMesh
 
 HMNODE = [sys.executable, "-m", "hmnode"]
 READY_TIMEOUT_S = 20.0
@@ -112,3 +116,25 @@ def agents():
     yield start
     for agent in started:
         agent.kill()
+
+
+@pytest.fixture
+def mesh_factory() -> Iterator[Any]:
+    """`start(n, validators, **up)`: a LocalMesh in a short directory (the control socket paths must
+    fit), stopped and removed at teardown."""
+    made: list[tuple[LocalMesh, str]] = []
+
+    def start(n: int, validators: int = 1, **up: Any) -> LocalMesh:
+        directory = tempfile.mkdtemp(prefix="hmc-")
+        mesh = LocalMesh(Path(directory))
+        made.append((mesh, directory))
+        mesh.up(n, validators=validators, **up)
+        return mesh
+
+    yield start
+    for mesh, directory in made:
+        try:
+            if mesh.state_file.exists():
+                mesh.down(timeout=5.0)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)

@@ -26,7 +26,7 @@ from hmnode.consensus.messages import (PREVOTE, Transaction, Vote, sha256, sign_
                                        vote_bytes)
 from hmnode.errors import HmnodeError
 from hmnode.identity import NodeId, NodeKey
-from hmnode.chain_service import LOCAL_APP_STATE
+from hmnode.chain_service import LOCAL_APP_STATE, LONE_NODE_CREDITS
 from hmnode.simnet.local import LocalMesh, node_name
 from hmnode.transport.endpoint import Endpoint
 from hmnode.transport.reachability import parse_address
@@ -40,28 +40,6 @@ OUTAGE_PROGRESS_S = 20.0
 # --- helpers ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def mesh_factory() -> Iterator[Any]:
-    """`start(n, validators)`: a LocalMesh in a short directory (the control socket paths must
-    fit), stopped and removed at teardown."""
-    made: list[tuple[LocalMesh, str]] = []
-
-    def start(n: int, validators: int = 1, **up: Any) -> LocalMesh:
-        directory = tempfile.mkdtemp(prefix="hmc-")
-        mesh = LocalMesh(Path(directory))
-        made.append((mesh, directory))
-        mesh.up(n, validators=validators, **up)
-        return mesh
-
-    yield start
-    for mesh, directory in made:
-        try:
-            if mesh.state_file.exists():
-                mesh.down(timeout=5.0)
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def four_validators() -> Iterator[LocalMesh]:
     """Four validators of one chain, shared by the tests that only add transactions to it (each
@@ -69,7 +47,9 @@ def four_validators() -> Iterator[LocalMesh]:
     directory = tempfile.mkdtemp(prefix="hmc-")
     mesh = LocalMesh(Path(directory))
     try:
-        mesh.up(4, validators=4)
+        # Not sharing: the nodes' own registrations and offers would add blocks the tests
+        # do not expect.
+        mesh.up(4, validators=4, env={"HMNODE_SHARE_ENABLED": "false"})
         yield mesh
     finally:
         try:
@@ -186,7 +166,8 @@ def send_over_quic(mesh: LocalMesh, target: str, attacker: NodeKey, msgs: list[l
 
 
 def test_one_node_commits_alone_through_the_cli(mesh_factory: Any) -> None:
-    mesh = mesh_factory(1)
+    # Not sharing: the node's own registration and offer would add blocks while it is read.
+    mesh = mesh_factory(1, env={"HMNODE_SHARE_ENABLED": "false"})
     data_dir = mesh.data_dir(node_name(0)).path
 
     put = hmnode("kv", "put", "greeting", "hello", "--data-dir", data_dir, "--json")
@@ -231,7 +212,8 @@ def test_one_node_commits_alone_through_the_cli(mesh_factory: Any) -> None:
 
 
 def test_credits_through_the_cli_on_a_lone_node(mesh_factory: Any) -> None:
-    mesh = mesh_factory(1)
+    # The node offers only what the test commits (not its own share).
+    mesh = mesh_factory(1, env={"HMNODE_SHARE_ENABLED": "false"})
     data_dir = mesh.data_dir(node_name(0)).path
     other = NodeKey.generate().node_id
     for args in (("faucet", "500"), ("stake", "200"), ("unstake", "50"),
@@ -244,13 +226,15 @@ def test_credits_through_the_cli_on_a_lone_node(mesh_factory: Any) -> None:
     shown = hmnode("ledger", "--data-dir", data_dir, "--json")
     assert shown.returncode == 0, shown.stderr
     info = json.loads(shown.stdout)
-    # Genesis staked 1 for the lone validator; the faucet minted 500.
-    assert info["account"]["balance"] == 500 - 200 - 10
+    # Genesis staked 1 for the lone validator and gave it LONE_NODE_CREDITS; the faucet minted
+    # 500.
+    assert info["account"]["balance"] == LONE_NODE_CREDITS + 500 - 200 - 10
     assert info["account"]["stake"] == 1 + 200 - 50
     assert [u["amount"] for u in info["account"]["unbonding"]] == [50]
     totals = info["totals"]
-    assert totals["minted"] == 501 and totals["supply"] == 501
-    assert totals["balances"] + totals["stake"] + totals["unbonding"] + totals["escrow"] == 501
+    minted = 1 + LONE_NODE_CREDITS + 500
+    assert totals["minted"] == minted and totals["supply"] == minted
+    assert totals["balances"] + totals["stake"] + totals["unbonding"] + totals["escrow"] == minted
     assert {"node_id": str(other), "balance": 10, "stake": 0} in info["accounts"]
 
     # The node offers its cores; one job fits, one asks for a runtime nobody allows.
@@ -275,11 +259,28 @@ def test_credits_through_the_cli_on_a_lone_node(mesh_factory: Any) -> None:
     listed = hmnode("jobs", "--data-dir", data_dir, "--json")
     assert listed.returncode == 0, listed.stderr
     by_runtime = {j["resources"]["runtime"]: j for j in json.loads(listed.stdout)["jobs"]}
-    assert by_runtime["wasm"]["state"] == "allocated" and by_runtime["wasm"]["cost"] == 41
     assert by_runtime["process"]["state"] == "queued"
     assert by_runtime["process"]["why_waiting"] == "no node allows the process runtime"
-    after = json.loads(hmnode("ledger", "--data-dir", data_dir, "--json").stdout)
-    assert after["totals"]["escrow"] == 200 and after["account"]["balance"] == 290 - 200
+    # The wasm job was allocated here at a cost of 41; it names no program, so this node's
+    # executor reports it at once (exit 125) and is paid for the second it measured.
+    wasm_job = by_runtime["wasm"]["job_id"]
+    assert by_runtime["wasm"]["cost"] == 41
+    assert by_runtime["wasm"]["node"] == info["account"]["node_id"]
+
+    def settled() -> Any:
+        job = call_json("job", wasm_job)
+        return job if job["state"] == "settled" else None
+
+    def call_json(*args: str) -> Any:
+        done = hmnode(*args, "--data-dir", data_dir, "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+    job = wait_until(settled, "the program-less job to be reported", timeout=20)
+    assert job["receipt"]["exit_code"] == 125 and job["receipt"]["paid"] == 2
+    assert [h["state"] for h in job["history"]] == ["queued", "allocated", "settled"]
+    after = call_json("ledger")
+    assert after["totals"]["escrow"] == 100  # the process job's, still queued
+    assert after["account"]["balance"] == LONE_NODE_CREDITS + 290 - 100
 
 
 def test_a_lone_node_publishes_beacons_and_answers_its_space_challenges(

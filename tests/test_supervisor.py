@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
-from hmnode.supervisor import Subsystem, Supervisor
+import pytest
+
+from hmnode.supervisor import Subsystem, Supervisor, in_daemon_thread
 
 
 def _forever(log: list[str], name: str):
@@ -83,3 +86,16 @@ def test_a_subsystem_that_ignores_cancellation_is_reported_after_the_grace() -> 
     failure, elapsed = asyncio.run(main())
     assert failure is not None and "did not stop" in failure and "stubborn" in failure
     assert elapsed < 2.0
+
+
+def test_in_daemon_thread_returns_raises_and_does_not_hold_the_process() -> None:
+    async def main() -> None:
+        assert await in_daemon_thread(lambda a, b: a + b, 2, 3) == 5
+        with pytest.raises(ValueError, match="no"):
+            await in_daemon_thread(lambda: (_ for _ in ()).throw(ValueError("no")))
+        names: list[tuple[str, bool]] = []
+        await in_daemon_thread(lambda: names.append((threading.current_thread().name,
+                                                     threading.current_thread().daemon)),
+                               name="hmnode-test")
+        assert names == [("hmnode-test", True)]
+    asyncio.run(main())

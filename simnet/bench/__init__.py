@@ -13,7 +13,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from hmnode.simnet.bench import (allocation, consensus, gossip, proofs, sim_gossip, startup,
-                                 transport)
+                                 transport, workloads)
 
 BENCHMARKS: dict[str, ModuleType] = {
     "startup": startup,
@@ -23,4 +23,5 @@ BENCHMARKS: dict[str, ModuleType] = {
     "proofs": proofs,
     "consensus": consensus,
     "allocation": allocation,
+    "workloads": workloads,
 }

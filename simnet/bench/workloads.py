@@ -1,0 +1,228 @@
+"""Workloads end to end: submit to running and to result on real meshes, sandbox start, and the
+wasm runtime's overhead.
+
+- submit_to_running_ms / submit_to_result_ms (p50, p99): `jobs` prime-sieve jobs (a small
+  argument, so the run itself is short), one after the other, each submitted through a node's
+  control API (`submit_job`) on a real mesh of `hmnode run` processes over loopback. Running:
+  the runner's own record of when it started the job (`hmnode job` on the node that ran it;
+  one machine, one clock) minus the wall time just before the submit. Result: when the
+  submitter has fetched the result (`job_result`), polling every 20 ms once it is settled.
+  Measured on a lone node and on `validators` validators (each offering its share; jobs land
+  where allocation puts them).
+- wasm_start_ms_p50: a trivial module run to its end by `WasmRuntime` (compiled module cached),
+  beside plain wasmtime instantiating and running the same module.
+- wasm_overhead_ratio: the prime sieve (10,000,000) under `WasmRuntime` (fuel metering, epoch
+  interruption, limits, WASI capture) over the same module under plain wasmtime (a default
+  engine and WASI), medians of the runs, in the same process.
+- process_start_ms_p50: null until the process runtime exists.
+Floors: 4-node submit_to_running_ms_p50 <= 500; wasm_overhead_ratio <= 1.15.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from hmnode.catalog import TEMPLATES
+from hmnode.errors import HmnodeError
+from hmnode.jobspec import from_template, with_overrides
+from hmnode.simnet.bench.consensus import call, percentile, temp_root, wait_chain
+from hmnode.simnet.local import LocalMesh, node_name
+from hmnode.wasm_runtime import WasmLimits, WasmRuntime
+
+DEFAULT_RUNS = 1
+STEPS_PER_RUN = 4
+VALIDATORS = 4
+JOBS = 20
+SIEVE_ARG = "100000"  # a run of a few milliseconds: the figures are the mesh's, not the job's
+OVERHEAD_ARG = "10000000"
+OVERHEAD_RUNS = 5
+START_RUNS = 50
+READY_S = 90.0
+OFFER_S = 90.0
+JOB_S = 60.0
+POLL_S = 0.02
+FLOORS = {"submit_to_running_ms_p50": 500.0, "wasm_overhead_ratio": 1.15}
+TRIVIAL_WAT = '(module (memory (export "memory") 1) (func (export "_start")))'
+
+
+class BenchError(HmnodeError):
+    """The mesh did not come up, or a job did not run, so there is nothing to measure."""
+
+
+# --- the sandbox alone ----------------------------------------------------------------------
+
+def _plain_run(engine: wasmtime.Engine, module: wasmtime.Module, args: list[str],
+               work: Path) -> float:
+    """Seconds to instantiate and run `module` under plain wasmtime with WASI."""
+    started = time.perf_counter()
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = ["job", *args]
+    wasi.stdout_file = str(work / "plain.out")
+    store = wasmtime.Store(engine)
+    store.set_wasi(wasi)
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    instance = linker.instantiate(store, module)
+    start = instance.exports(store)["_start"]
+    assert isinstance(start, wasmtime.Func)
+    start(store)
+    return time.perf_counter() - started
+
+
+def sandbox_figures(work: Path) -> dict[str, Any]:
+    """wasm start and overhead, each beside plain wasmtime."""
+    runtime = WasmRuntime(work / "cache")
+    engine = wasmtime.Engine()
+    try:
+        trivial = wasmtime.wat2wasm(TRIVIAL_WAT)
+        sieve = TEMPLATES["prime-sieve"].program()
+        limits = WasmLimits(time_s=60.0, memory_mib=64)
+        runtime.module(trivial)  # compiled once: the figure is a cached start
+        ours = [_timed(lambda: runtime.run(trivial, [], b"", work / "s", work / "r", limits))
+                for _ in range(START_RUNS)]
+        plain_trivial = wasmtime.Module(engine, trivial)
+        plain = [_plain_run(engine, plain_trivial, [], work) for _ in range(START_RUNS)]
+        runtime.module(sieve)
+        sandboxed = [_timed(lambda: runtime.run(sieve, [OVERHEAD_ARG], b"", work / "s",
+                                                work / "r", limits))
+                     for _ in range(OVERHEAD_RUNS)]
+        plain_sieve = wasmtime.Module(engine, sieve)
+        bare = [_plain_run(engine, plain_sieve, [OVERHEAD_ARG], work)
+                for _ in range(OVERHEAD_RUNS)]
+    finally:
+        runtime.close()
+    return {"wasm_start_ms_p50": round(statistics.median(ours) * 1000, 3),
+            "plain_wasm_start_ms_p50": round(statistics.median(plain) * 1000, 3),
+            "wasm_sieve_ms_p50": round(statistics.median(sandboxed) * 1000, 1),
+            "plain_wasm_sieve_ms_p50": round(statistics.median(bare) * 1000, 1),
+            "wasm_overhead_ratio": round(statistics.median(sandboxed) / statistics.median(bare), 3)}
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+# --- jobs on a real mesh ---------------------------------------------------------------------
+
+def mesh_figures(validators: int, jobs: int) -> dict[str, Any]:
+    """submit-to-running and submit-to-result on a mesh of `validators` validators."""
+    root = temp_root()
+    mesh = LocalMesh(Path(root))
+    try:
+        mesh.up(validators, validators=validators, env={"HMNODE_CHAIN_EMPTY_BLOCK_S": "1"})
+        names = [node_name(i) for i in range(validators)]
+        wait_chain(mesh, names, validators, READY_S)
+        _wait_offers(mesh, names)
+        ids = {call(mesh, n, "status")["node_id"]: n for n in names}
+        spec = with_overrides(from_template("prime-sieve"), args=(SIEVE_ARG,))
+        submitter = names[0]
+        if validators > 1:  # a lone node's chain credits it; a mesh's has a faucet
+            call(mesh, submitter, "transaction", {"kind": "ledger.faucet",
+                                                  "body": {"amount": 100_000}, "wait": 20},
+                 timeout=30)
+        running, results, where = [], [], set()
+        for _ in range(jobs):
+            t0 = time.time()
+            answer = call(mesh, submitter, "submit_job", {
+                "program": spec.program, "stdin": None, "spec": spec.chain_spec(), "wait": 20},
+                timeout=30)
+            job = _wait_settled(mesh, submitter, answer["job_id"])
+            result = call(mesh, submitter, "job_result", {"job_id": answer["job_id"]},
+                          timeout=30)
+            results.append(time.time() - t0)
+            if result["exit_code"] != 0:
+                raise BenchError(f"a job failed: {result['reason']}")
+            runner = ids[job["node"]]
+            where.add(runner)
+            execution = call(mesh, runner, "job", {"job_id": answer["job_id"]})["execution"]
+            running.append(execution["started"] - t0)
+        return {"nodes": validators, "jobs": jobs, "runners": len(where),
+                "submit_to_running_ms_p50": round(percentile(running, 0.5) * 1000, 1),
+                "submit_to_running_ms_p99": round(percentile(running, 0.99) * 1000, 1),
+                "submit_to_result_ms_p50": round(percentile(results, 0.5) * 1000, 1),
+                "submit_to_result_ms_p99": round(percentile(results, 0.99) * 1000, 1)}
+    finally:
+        try:
+            mesh.down(timeout=10.0)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_offers(mesh: LocalMesh, names: list[str]) -> None:
+    """Every node registers and offers its share by itself; wait for all of them."""
+    deadline = time.monotonic() + OFFER_S
+    while True:
+        standing = [(call(mesh, n, "status")["chain"].get("registry") or {}) for n in names]
+        if all(s.get("offering") for s in standing):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"not every node offered within {OFFER_S:g} s: {standing}")
+        time.sleep(0.2)
+
+
+def _wait_settled(mesh: LocalMesh, name: str, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + JOB_S
+    while True:
+        job = call(mesh, name, "job", {"job_id": job_id})
+        if job["state"] == "settled":
+            return job
+        if job["state"] in ("expired", "cancelled", "lapsed") or time.monotonic() > deadline:
+            raise BenchError(f"job {job_id} is {job['state']}: {job['why_waiting']}")
+        time.sleep(POLL_S)
+
+
+def run(runs: int = DEFAULT_RUNS, progress: Callable[[int], None] = lambda n: None,
+        validators: int = VALIDATORS, jobs: int = JOBS) -> dict[str, Any]:
+    """The sandbox figures, then jobs on a lone node and on `validators` validators."""
+    work = Path(tempfile.mkdtemp(prefix="hmnode-bench-workloads-"))
+    try:
+        figures: dict[str, Any] = sandbox_figures(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    progress(1)
+    one = mesh_figures(1, jobs)
+    progress(1)
+    many = mesh_figures(validators, jobs)
+    progress(2 * runs - 1)
+    figures.update({f"one_node_{k}": v for k, v in one.items()})
+    figures.update({f"mesh_{k}": v for k, v in many.items()})
+    # The issue's keys: the mesh's figures, the lone node's beside them.
+    for key in ("submit_to_running_ms_p50", "submit_to_result_ms_p50"):
+        figures[key] = many[key]
+    figures["process_start_ms_p50"] = None
+    figures["floors"] = FLOORS
+    figures["floors_ok"] = (figures["submit_to_running_ms_p50"] <= FLOORS["submit_to_running_ms_p50"]
+                            and figures["wasm_overhead_ratio"] <= FLOORS["wasm_overhead_ratio"])
+    return figures
+
+
+def report(figures: dict[str, Any]) -> list[str]:
+    """Lines for people."""
+    f = figures
+    return [
+        f"wasm start      {f['wasm_start_ms_p50']:8.3f} ms p50 (plain wasmtime "
+        f"{f['plain_wasm_start_ms_p50']:.3f} ms)",
+        f"wasm sieve      {f['wasm_sieve_ms_p50']:8.1f} ms p50 (plain wasmtime "
+        f"{f['plain_wasm_sieve_ms_p50']:.1f} ms): overhead x{f['wasm_overhead_ratio']} "
+        f"(floor x{FLOORS['wasm_overhead_ratio']})",
+        f"lone node       submit->running {f['one_node_submit_to_running_ms_p50']:7.1f} ms p50 "
+        f"({f['one_node_submit_to_running_ms_p99']:.1f} p99), ->result "
+        f"{f['one_node_submit_to_result_ms_p50']:.1f} ms p50 "
+        f"({f['one_node_submit_to_result_ms_p99']:.1f} p99)",
+        f"{f['mesh_nodes']} validators    submit->running {f['mesh_submit_to_running_ms_p50']:7.1f} ms "
+        f"p50 ({f['mesh_submit_to_running_ms_p99']:.1f} p99), ->result "
+        f"{f['mesh_submit_to_result_ms_p50']:.1f} ms p50 "
+        f"({f['mesh_submit_to_result_ms_p99']:.1f} p99); ran on {f['mesh_runners']} nodes "
+        f"(floor {FLOORS['submit_to_running_ms_p50']:.0f} ms p50)",
+        "process start   not measured: the process runtime does not exist yet",
+    ]

@@ -1,0 +1,113 @@
+"""Workloads end to end with real `hmnode run` processes: a lone node runs a submitted WASM job
+(it is its own validator and contributor) and settles it in its ledger; on a mesh of three, a
+job submitted by one node runs on another, which pulls the program from the submitter over
+QUIC, and the submitter fetches the result back."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import hmnode, wait_until
+from hmnode import control
+from hmnode.simnet.local import LocalMesh, node_name
+
+FAST = {"HMNODE_CHAIN_EMPTY_BLOCK_S": "1"}
+
+
+def run_json(data_dir: Path, *args: str, timeout: float = 60) -> Any:
+    done = hmnode(*args, "--data-dir", data_dir, "--json", timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def offering(mesh: LocalMesh, name: str) -> bool:
+    status = control.call(mesh.data_dir(name).control_socket, "status")
+    return bool((status["chain"].get("registry") or {}).get("offering"))
+
+
+def test_a_lone_node_runs_a_submitted_job_end_to_end(mesh_factory: Any, tmp_path: Path) -> None:
+    mesh = mesh_factory(1, env=FAST)
+    data_dir = mesh.data_dir(node_name(0)).path
+    # The node registers and offers its share by itself.
+    wait_until(lambda: offering(mesh, node_name(0)), "the node to offer its share", timeout=60)
+    before = run_json(data_dir, "ledger")["account"]["balance"]
+
+    done = hmnode("submit", "--template", "prime-sieve", "--wait", "--data-dir", data_dir,
+                  timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "primes below 10000000: 664579\n"
+    assert "exit 0 (exited)" in done.stderr
+    job_id = done.stderr.split()[1]
+
+    job = run_json(data_dir, "job", job_id)
+    assert job["state"] == "settled" and job["node"] == job["owner"]
+    assert [h["state"] for h in job["history"]] == ["queued", "allocated", "settled"]
+    assert all(h["at"] for h in job["history"]) and job["execution"]["state"] == "reported"
+    receipt = job["receipt"]
+    assert receipt["exit_code"] == 0 and receipt["fuel"] > 100_000_000
+    assert 0 < receipt["paid"] <= job["cost"]
+    # It paid itself: the escrow is empty, its balance is back where it was.
+    ledger = run_json(data_dir, "ledger")
+    assert ledger["totals"]["escrow"] == 0 and ledger["account"]["balance"] == before
+
+    out = tmp_path / "out"
+    fetched = hmnode("result", job_id, "-o", out, "--data-dir", data_dir)
+    assert fetched.returncode == 0, fetched.stderr
+    assert (out / "stdout").read_text() == "primes below 10000000: 664579\n"
+    assert json.loads((out / "result.json").read_text())["exit_code"] == 0
+
+    # A job with a bad argument runs, fails, and says why; the node is still paid.
+    bad = hmnode("submit", "--template", "prime-sieve", "--arg", "lots", "--wait",
+                 "--data-dir", data_dir, "--json", timeout=120)
+    assert bad.returncode == 0, bad.stderr
+    assert json.loads(bad.stdout)["exit_code"] == 2
+
+
+def test_a_job_runs_on_another_node_and_its_result_comes_back(mesh_factory: Any) -> None:
+    # Node 0 is the one validator, so the only node with stake to offer; node 1 submits.
+    mesh = mesh_factory(3, env=FAST)
+    submitter = mesh.data_dir(node_name(1)).path
+    wait_until(lambda: offering(mesh, node_name(0)), "node 0 to offer its share", timeout=60)
+    assert run_json(submitter, "faucet", "1000")["ok"]
+    job = run_json(submitter, "submit", "--template", "prime-sieve", "--arg", "1000000",
+                   "--wait", timeout=120)
+    assert job["stdout"] == "primes below 1000000: 78498\n" and job["exit_code"] == 0
+    runner = control.call(mesh.data_dir(node_name(0)).control_socket, "status")["node_id"]
+    assert job["node"] == runner
+    # The runner pulled the program from the submitter; the submitter pulled the result.
+    record = run_json(submitter, "job", job["job_id"])
+    assert record["owner"] != runner and record["receipt"]["exit_code"] == 0
+
+
+def test_a_job_interrupted_by_a_crash_runs_again(mesh_factory: Any, tmp_path: Path) -> None:
+    mesh = mesh_factory(1, env=FAST)
+    name = node_name(0)
+    data_dir = mesh.data_dir(name).path
+    wait_until(lambda: offering(mesh, name), "the node to offer its share", timeout=60)
+    loop = tmp_path / "loop.wat"
+    loop.write_text('(module (memory (export "memory") 1) (func (export "_start") (loop $l (br $l))))')
+    submitted = run_json(data_dir, "submit", "--wasm", loop, "--time-limit", "4")
+    job_id = submitted["job_id"]
+
+    def running() -> bool:
+        return (run_json(data_dir, "job", job_id).get("execution") or {}).get("state") == "running"
+    wait_until(running, "the job to start", timeout=30)
+    mesh.kill(name)
+    mesh.start(name)
+    # Restarted, the node finds the run it lost and runs the job again, to its time limit.
+    settled = wait_until(lambda: run_json(data_dir, "job", job_id)["state"] == "settled",
+                         "the job to run again and settle", timeout=60)
+    assert settled
+    result = run_json(data_dir, "result", job_id)
+    assert result["reason"] == "time limit: it ran past 4 s" and result["exit_code"] == 1
+    assert "running it again" in mesh.log_file(name).read_text()
+
+    # SIGTERM while a long job runs: the node stops cleanly within 5 s, without waiting for it.
+    job_id = run_json(data_dir, "submit", "--wasm", loop, "--time-limit", "60")["job_id"]
+    wait_until(running, "the long job to start", timeout=30)
+    started = time.monotonic()
+    (outcome,) = mesh.down(timeout=5.0)
+    assert outcome.outcome == "clean" and time.monotonic() - started < 5.0, outcome
