@@ -133,3 +133,22 @@ def test_allocation_bench_gives_the_issue_keys_through_the_cli() -> None:
     small = allocation.run(runs=1, progress=steps.append, offers=50, jobs=80, mesh_jobs=0)
     assert small["offers"] == 50 and small["jobs"] == 80 and small["allocations_per_s"] > 0
     assert sum(steps) == allocation.STEPS_PER_RUN
+
+
+def test_workloads_bench_gives_the_issue_keys() -> None:
+    """A short run: two jobs on a lone node and two on four validators, the sandbox figures
+    beside plain wasmtime, and every key the issue names."""
+    from hmnode.simnet.bench import workloads
+
+    steps: list[int] = []
+    figures = workloads.run(runs=1, progress=steps.append, jobs=2)
+    for key in ("submit_to_running_ms_p50", "submit_to_result_ms_p50", "wasm_start_ms_p50",
+                "wasm_overhead_ratio"):
+        assert figures[key] > 0, key
+    assert "process_start_ms_p50" in figures
+    assert figures["submit_to_running_ms_p50"] < figures["submit_to_result_ms_p50"]
+    assert figures["mesh_nodes"] == 4 and figures["one_node_runners"] == 1
+    assert figures["wasm_overhead_ratio"] == pytest.approx(
+        figures["wasm_sieve_ms_p50"] / figures["plain_wasm_sieve_ms_p50"], rel=0.05)
+    assert sum(steps) == workloads.STEPS_PER_RUN
+    assert any(line.startswith("wasm sieve") for line in workloads.report(figures))
