@@ -69,6 +69,11 @@ class Job:
     max_price: int
     gpu_count: int = 0
     gpu_model: str | None = None  # None: any model
+    # Replicas of one job run on distinct nodes: a job of a `group` is never placed on a node
+    # in `avoid` (where its other replicas already are) or on one that another job of its
+    # group takes in the same allocation.
+    group: bytes | None = None
+    avoid: frozenset[bytes] = frozenset()
 
 
 @dataclass
@@ -272,12 +277,16 @@ def allocate(offers: list[Offer], free: dict[bytes, Free], jobs: list[Job],
     placements: list[Placement] = []
     reasons: dict[bytes, str] = {}
     witnesses: list[Offer] | None = None  # of _unmet(), found when a job first waits
+    taken: dict[bytes, set[bytes]] = {}  # group -> the nodes its jobs took in this allocation
     for job in jobs:
         groups = (gpu_index if job.gpu_count else cpu_index).get(job.runtime, ())
-        row, price = _search(groups, job)
+        avoid = job.avoid | taken[job.group] if job.group in taken else job.avoid
+        row, price = _search(groups, job, avoid)
         if row is not None and price <= job.max_price:
             _take(row, job, least_cores, least_memory)
             placements.append(Placement(job.job_id, row.node, price))
+            if job.group is not None:
+                taken.setdefault(job.group, set()).add(row.node)
             continue
         if witnesses is None:
             witnesses = _witnesses(live)
@@ -285,7 +294,8 @@ def allocate(offers: list[Offer], free: dict[bytes, Free], jobs: list[Job],
     return placements, reasons
 
 
-def _search(groups: Sequence[_Group], job: Job) -> tuple[_Row | None, int]:
+def _search(groups: Sequence[_Group], job: Job,
+            avoid: frozenset[bytes] | set[bytes] = frozenset()) -> tuple[_Row | None, int]:
     """The row that takes `job` by the rules (cheapest, then fewest cores left, then the
     least hash of job and node) among the rows of `groups` it fits, whatever the job's
     maximum price, and its cost; (None, 0) when it fits none. When the cost is above the
@@ -316,7 +326,8 @@ def _search(groups: Sequence[_Group], job: Job) -> tuple[_Row | None, int]:
             left = row.cores - jc
             if tied and left > best_left:
                 break
-            if row.memory < jm or (jg and not gpus_fit(job, row.room)):
+            if row.memory < jm or (jg and not gpus_fit(job, row.room)) or (
+                    avoid and row.node in avoid):
                 continue
             if not tied or left < best_left:
                 best, best_price, best_scaled, best_left, best_hash = \

@@ -170,10 +170,15 @@ def crowded_market(rng: random.Random) -> tuple[list[Offer], dict[bytes, Free], 
     free = {o.node: Free(rng.randint(0, o.cores), rng.randint(0, o.memory_mib),
                          {m: rng.randint(0, n) for m, n in dict(o.gpus).items()})
             for o in offers if rng.random() < 0.9}
+    # Some jobs are replicas of one group (distinct nodes), some avoid nodes already taken.
+    groups = [rng.randbytes(32) for _ in range(3)]
+    nodes = [o.node for o in offers]
     jobs = [Job(rng.randbytes(32), rng.choice([0, 1, 1, 2, 3, 4]),
                 rng.choice([0, 256, 512, 2048, 8192]), rng.choice(RUNTIMES),
                 rng.choice([0, 1, 60, 3600, 7200]), rng.randint(0, 40), rng.choice([0, 0, 0, 1, 2]),
-                rng.choice([None, *MODELS])) for _ in range(rng.randint(0, 80))]
+                rng.choice([None, *MODELS]), rng.choice([None, None, *groups]),
+                frozenset(rng.sample(nodes, min(len(nodes), rng.choice([0, 0, 1, 3])))))
+            for _ in range(rng.randint(0, 80))]
     return offers, free, jobs
 
 
@@ -195,6 +200,20 @@ def test_the_witnesses_say_why_as_every_offer_would(offers: list[Offer], jobs: l
     assert set(witnesses) <= set(offers) and bool(witnesses) == bool(offers)
     for job in jobs:
         assert _unmet(job, witnesses) == _unmet(job, offers)
+
+
+def test_replicas_of_a_group_take_distinct_nodes() -> None:
+    offers = [_offer(i, cores=16) for i in range(3)]
+    group = b"g" * 32
+    replicas = [Job(bytes([i]) * 32, 1, 1_024, "wasm", 60, 1_000, group=group) for i in range(4)]
+    placements, reasons = allocate(offers, free_of(offers), replicas, 1)
+    assert len({p.node for p in placements}) == 3 and len(placements) == 3
+    assert list(reasons) == [replicas[3].job_id]
+    # A replica placed in an earlier block is avoided by name.
+    late = Job(b"z" * 32, 1, 1_024, "wasm", 60, 1_000, group=group,
+               avoid=frozenset(o.node for o in offers[:2]))
+    (only,), _ = allocate(offers, free_of(offers), [late], 1)
+    assert only.node == offers[2].node
 
 
 def test_many_equal_offers_are_told_apart_by_the_hash_alone() -> None:

@@ -85,9 +85,12 @@ def reference_allocate(offers: list[Offer], free: dict[bytes, Free], jobs: list[
                   key=lambda o: o.node)
     placements: list[Placement] = []
     reasons: dict[bytes, str] = {}
+    taken: dict[bytes, set[bytes]] = {}  # replicas of one group take distinct nodes
     for job in jobs:
+        avoid = job.avoid | taken.get(job.group, set()) if job.group is not None else job.avoid
         fits = [o for o in live if job.runtime in o.runtimes and gpus_fit(job, free[o.node])
-                and free[o.node].cores >= job.cores and free[o.node].memory_mib >= job.memory_mib]
+                and free[o.node].cores >= job.cores and free[o.node].memory_mib >= job.memory_mib
+                and o.node not in avoid]
         affordable = [(cost(job, o.price), o) for o in fits if cost(job, o.price) <= job.max_price]
         if not affordable:
             cheapest = min((cost(job, o.price) for o in fits), default=None)
@@ -101,6 +104,8 @@ def reference_allocate(offers: list[Offer], free: dict[bytes, Free], jobs: list[
         room.memory_mib -= job.memory_mib
         take_gpus(job, room)
         placements.append(Placement(job.job_id, offer.node, price))
+        if job.group is not None:
+            taken.setdefault(job.group, set()).add(offer.node)
     return placements, reasons
 
 
