@@ -7,11 +7,18 @@ expired (its deadline passed while it waited) or cancelled (by its owner while i
 allocated job is settled by its node's receipt (the node is paid for the work it measured, at
 the offer's price, at most the cost fixed at allocation) or lapses when its deadline passes
 first. Whatever is left of the escrow goes back to the owner.
+
+A job of several replicas is that many jobs on distinct nodes; a replica's receipt makes it
+"reported", and once none waits or runs, the result a quorum reported is the job's: the
+replicas that reported it are paid ("settled"), the others are not ("rejected"), and every
+replica records the outcome.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from hmnode import schema
@@ -29,6 +36,7 @@ RUNTIMES = ("wasm", "process")
 MAX_QUEUED_PER_BLOCK = 2_000  # jobs considered per block, oldest first
 MAX_MODEL = 64
 MAX_ARGS = 32
+MAX_REPLICAS = 7
 MAX_ARG_CHARS = 1024
 QUEUED, ALLOCATED = b"q", b"a"
 SEQ_KEY = "job_seq"  # in the state table: jobs submitted so far, which orders the queue
@@ -131,17 +139,32 @@ class JobBook:
         self.txn.put(schema.OFFERS, node, {"offer": _offer_wire(offer), "used": used})
 
     def submit(self, owner: bytes, job_id: bytes, body: dict, height: int) -> None:
+        """Queue a job with its maximum price in escrow; a job of `replicas` > 1 is queued as
+        that many jobs (the first under the job's id), each with its own escrow, which the
+        allocation puts on distinct nodes and which settle together (`_settle_group`)."""
         job, deadline = parse_job(job_id, body, height)
         program = parse_program(body)
-        self.ledger.lock(owner, job_id, job.max_price)  # refuses without the balance
-        seq = self.txn.get(schema.STATE, SEQ_KEY, 0) + 1
-        self.txn.put(schema.STATE, SEQ_KEY, seq)
-        self.txn.put(schema.JOBS, job_id, {
-            "owner": owner, "spec": _job_wire(job), "deadline": deadline, "submitted": height,
-            "seq": seq, "state": "queued", "node": None, "cost": None,
-            "reason": "not yet considered", "history": [["queued", height]],
-            "program": program})
-        self.txn.put(schema.JOB_INDEX, _queued_key(seq, job_id), job_id)
+        replicas = _count(body, "replicas", MAX_REPLICAS, 1) if "replicas" in body else 1
+        # A quorum is a majority, so that at most one result can reach it.
+        quorum = (_count(body, "quorum", replicas, replicas // 2 + 1) if "quorum" in body
+                  else replicas // 2 + 1)
+        if self.ledger.balance(owner) < job.max_price * replicas:
+            raise LedgerRefused(f"the balance is {self.ledger.balance(owner)}, not the "
+                                f"{job.max_price * replicas} that {replicas} replicas of "
+                                f"{job.max_price} hold in escrow")
+        for i in range(replicas):
+            rid = job_id if i == 0 else replica_id(job_id, i)
+            self.ledger.lock(owner, rid, job.max_price)
+            seq = self.txn.get(schema.STATE, SEQ_KEY, 0) + 1
+            self.txn.put(schema.STATE, SEQ_KEY, seq)
+            record = {"owner": owner, "spec": _job_wire(job), "deadline": deadline,
+                      "submitted": height, "seq": seq, "state": "queued", "node": None,
+                      "cost": None, "reason": "not yet considered",
+                      "history": [["queued", height]], "program": program}
+            if replicas > 1:
+                record.update(group=job_id, replica=i, replicas=replicas, quorum=quorum)
+            self.txn.put(schema.JOBS, rid, record)
+            self.txn.put(schema.JOB_INDEX, _queued_key(seq, rid), rid)
 
     def withdraw_offer(self, node: bytes) -> None:
         held = self.txn.get(schema.OFFERS, node)
@@ -168,10 +191,19 @@ class JobBook:
         if isinstance(exit_code, bool) or not isinstance(exit_code, int) or not \
                 -(1 << 31) <= exit_code < (1 << 31):
             raise LedgerRefused("exit_code is a 32-bit integer")
-        paid = self.earned(record, measured["wall_ms"])
-        self.ledger.pay(job_id, node, paid)
         record["receipt"] = {"result_hash": result, "exit_code": exit_code, **measured,
-                             "height": height, "paid": paid}
+                             "height": height, "paid": None}
+        if record.get("replicas", 1) > 1:
+            # A replica waits for the others: the node is free, its pay is decided together.
+            self.txn.delete(schema.JOB_INDEX, ALLOCATED + job_id)
+            self._use(record["node"], record["spec"], record.get("gpu"), -1)
+            record.update(state="reported")
+            record["history"].append(["reported", height])
+            self.txn.put(schema.JOBS, job_id, record)
+            self._settle_group(record["group"], height)
+            return
+        record["receipt"]["paid"] = paid = self.earned(record, measured["wall_ms"])
+        self.ledger.pay(job_id, node, paid)
         self._end(job_id, record, "settled", height)
 
     @staticmethod
@@ -186,12 +218,17 @@ class JobBook:
         return min(record["cost"], cost(measured, Price(*record["price"])))
 
     def cancel(self, owner: bytes, job_id: Any, height: int) -> None:
+        """Cancel a queued job (all its replicas, which must all still be queued)."""
         record = self.txn.get(schema.JOBS, job_id) if isinstance(job_id, bytes) else None
         if record is None or record["owner"] != owner:
             raise LedgerRefused("no such job of yours")
-        if record["state"] != "queued":
-            raise LedgerRefused(f"the job is {record['state']}, not queued")
-        self._end(job_id, record, "cancelled", height)
+        group = self._group(record["group"]) if record.get("replicas", 1) > 1 else \
+            [(job_id, record)]
+        for _, member in group:
+            if member["state"] != "queued":
+                raise LedgerRefused(f"the job is {member['state']}, not queued")
+        for rid, member in group:
+            self._end(rid, member, "cancelled", height)
 
     # --- once per block -------------------------------------------------------------------------
 
@@ -222,7 +259,7 @@ class JobBook:
             offers.append(offer)
             free[node] = Free(offer.cores - used[0], offer.memory_mib - used[1],
                               {m: n - used[2].get(m, 0) for m, n in offer.gpus})
-        jobs = [_job_from(job_id, record["spec"]) for job_id, record in queued]
+        jobs = [self._job_for_allocation(job_id, record) for job_id, record in queued]
         placements, reasons = allocate(offers, free, jobs, height)
         if held_back:
             # The user should learn that nodes exist but are held back, and why.
@@ -254,12 +291,62 @@ class JobBook:
         if record["state"] == "allocated":
             self.txn.delete(schema.JOB_INDEX, ALLOCATED + job_id)
             self._use(record["node"], record["spec"], record.get("gpu"), -1)
-        else:
+        elif record["state"] == "queued":
             self.txn.delete(schema.JOB_INDEX, _queued_key(record["seq"], job_id))
         self.ledger.refund(job_id)
         record.update(state=state, reason=None)
         record["history"].append([state, height])
         self.txn.put(schema.JOBS, job_id, record)
+        if record.get("replicas", 1) > 1 and state in ("expired", "lapsed"):
+            self._settle_group(record["group"], height)
+
+    def _group(self, group: bytes) -> list[tuple[bytes, dict]]:
+        """The replicas of job `group`, in order."""
+        first = self.txn.get(schema.JOBS, group)
+        ids = [group] + [replica_id(group, i) for i in range(1, first["replicas"])]
+        return [(rid, first if rid == group else self.txn.get(schema.JOBS, rid)) for rid in ids]
+
+    def _settle_group(self, group: bytes, height: int) -> None:
+        """Once no replica of `group` waits or runs: the result hash reported by at least a
+        quorum of them is the job's; the replicas that reported it are paid for their work,
+        the others are not (state "rejected"), every escrow's rest goes back, and each
+        replica records the outcome (as BOINC validates replicated work)."""
+        members = self._group(group)
+        if any(m["state"] in ("queued", "allocated") for _, m in members):
+            return
+        reported = [(rid, m) for rid, m in members if m["state"] == "reported"]
+        votes: dict[bytes, int] = {}
+        for _, m in reported:
+            votes[m["receipt"]["result_hash"]] = votes.get(m["receipt"]["result_hash"], 0) + 1
+        quorum = members[0][1]["quorum"]
+        agreed = next((h for h, n in sorted(votes.items()) if n >= quorum), None)
+        outcome = {"result_hash": agreed, "agreeing": votes.get(agreed, 0) if agreed else 0,
+                   "reported": len(reported), "quorum": quorum,
+                   "disagreeing": sorted(m["node"] for _, m in reported
+                                         if m["receipt"]["result_hash"] != agreed)}
+        for rid, m in members:
+            if m["state"] == "reported":
+                if m["receipt"]["result_hash"] == agreed:
+                    m["receipt"]["paid"] = self.earned(m, m["receipt"]["wall_ms"])
+                    self.ledger.pay(rid, m["node"], m["receipt"]["paid"])
+                    final = "settled"
+                else:
+                    m["receipt"]["paid"] = 0
+                    final = "rejected"
+                self.ledger.refund(rid)
+                m["state"] = final
+                m["history"].append([final, height])
+            m["outcome"] = outcome
+            self.txn.put(schema.JOBS, rid, m)
+
+    def _job_for_allocation(self, job_id: bytes, record: dict) -> Job:
+        """The job as allocation sees it; a replica avoids the nodes its others already took."""
+        job = _job_from(job_id, record["spec"])
+        if record.get("replicas", 1) == 1:
+            return job
+        taken = frozenset(m["node"] for rid, m in self._group(record["group"])
+                          if rid != job_id and m["node"] is not None)
+        return replace(job, group=record["group"], avoid=taken)
 
     def _gpu_model(self, node: bytes, spec: list) -> str | None:
         """The GPU model a job placed on `node` takes (the rule `allocate` applies)."""
@@ -285,6 +372,11 @@ class JobBook:
                         {m: n for m, n in gpus.items() if n},
                         {r: n for r, n in runtimes.items() if n}]
         self.txn.put(schema.OFFERS, node, held)
+
+
+def replica_id(group: bytes, index: int) -> bytes:
+    """The id of replica `index` (from 1; replica 0 has the job's own id) of job `group`."""
+    return hashlib.sha256(b"hmnode/replica" + group + index.to_bytes(2, "big")).digest()
 
 
 def _queued_key(seq: int, job_id: bytes) -> bytes:

@@ -56,6 +56,27 @@ def placement_problem(txn: Any, height: int) -> str | None:
     return None
 
 
+def replica_problem(txn: Any) -> str | None:
+    """Why the replicas of some job break the rules, or None: a job's replicas never share a
+    node, and once settled together only those that reported the agreed result were paid."""
+    groups: dict[bytes, list[dict]] = {}
+    for _, record in txn.items(schema.JOBS):
+        if record.get("replicas", 1) > 1:
+            groups.setdefault(record["group"], []).append(record)
+    for group, members in groups.items():
+        nodes = [m["node"] for m in members if m["node"] is not None]
+        if len(nodes) != len(set(nodes)):
+            return f"replicas of job {group.hex()[:12]} share a node"
+        for m in members:
+            outcome = m.get("outcome")
+            if m["state"] == "settled" and (outcome is None or m["receipt"]["result_hash"]
+                                            != outcome["result_hash"]):
+                return f"a replica of job {group.hex()[:12]} was paid for a result not agreed"
+            if m["state"] == "rejected" and m["receipt"]["paid"]:
+                return f"a rejected replica of job {group.hex()[:12]} was paid"
+    return None
+
+
 def suspended_nodes(txn: Any) -> int:
     """How many registered nodes are suspended now."""
     return sum(1 for _, record in txn.items(schema.NODES) if record["suspended"])

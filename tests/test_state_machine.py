@@ -15,6 +15,7 @@ from hmnode.consensus.chain import GenesisError
 from hmnode.consensus.messages import PREVOTE, Equivocation, sign_vote
 from hmnode.consensus.space import Plot
 from hmnode.identity import NodeKey
+from hmnode.jobs import replica_id
 from hmnode.prover import NodeProver, publish_beacon
 
 def test_genesis_stakes_the_validators_and_funds_the_balances() -> None:
@@ -335,3 +336,58 @@ def test_a_new_plot_must_answer_before_its_node_gets_work_again() -> None:
     assert "its plot changed" in job(h, submit)["reason"]
     assert h.block(h.tx(BOB, "space.answer", bigger.answer(h.beacon().value))) == [None]
     assert job(h, submit)["state"] == "allocated"
+
+
+def test_replicas_run_on_distinct_nodes_and_only_the_agreeing_ones_are_paid() -> None:
+    h = Harness({"balances": {str(ALICE.node_id): 500}}, offerers=(BOB, OTHER, VALIDATOR))
+    for key in (BOB, OTHER, VALIDATOR):
+        h.join(key)
+    h.block(*(h.offer(key, OFFER) for key in (BOB, OTHER, VALIDATOR)))
+    submit = h.tx(ALICE, "job.submit", job_body(replicas=3, quorum=2, deadline_height=30))
+    assert h.block(submit) == [None]
+    assert h.audit().escrow == 300 and h.balance(ALICE) == 200
+    replicas = [submit.tx_id] + [replica_id(submit.tx_id, i) for i in (1, 2)]
+    records = [h.store.read(lambda t, r=r: t.get(schema.JOBS, r)) for r in replicas]
+    nodes = {r["node"] for r in records}
+    assert all(r["state"] == "allocated" for r in records) and len(nodes) == 3
+    by_node = {r["node"]: rid for rid, r in zip(replicas, records)}
+    good, bad = receipt_body(b"", result_hash=b"\x01" * 32), receipt_body(b"", result_hash=b"\x02" * 32)
+    results = h.block(h.tx(BOB, "job.receipt", dict(good, job_id=by_node[BOB.node_id.key])),
+                      h.tx(OTHER, "job.receipt", dict(bad, job_id=by_node[OTHER.node_id.key])))
+    assert results == [None, None]
+    # Two of three have reported: nothing is paid until the third has.
+    assert h.balance(BOB) == 0 and h.audit().escrow == 300
+    assert h.block(h.tx(VALIDATOR, "job.receipt",
+                        dict(good, job_id=by_node[VALIDATOR.node_id.key]))) == [None]
+    final = {r: h.store.read(lambda t, r=r: t.get(schema.JOBS, r)) for r in replicas}
+    states = {f["node"]: f["state"] for f in final.values()}
+    assert states == {BOB.node_id.key: "settled", VALIDATOR.node_id.key: "settled",
+                      OTHER.node_id.key: "rejected"}
+    outcome = final[submit.tx_id]["outcome"]
+    assert outcome["result_hash"] == b"\x01" * 32 and outcome["agreeing"] == 2
+    assert outcome["disagreeing"] == [OTHER.node_id.key]
+    assert h.balance(BOB) == 41 and h.balance(OTHER) == 0 and h.balance(ALICE) == 500 - 82
+    assert h.audit().escrow == 0
+
+
+def test_replicas_without_a_quorum_pay_nobody_and_refund_everything() -> None:
+    h = Harness({"balances": {str(ALICE.node_id): 500}}, offerers=(BOB, OTHER))
+    for key in (BOB, OTHER):
+        h.join(key)
+    h.block(*(h.offer(key, OFFER) for key in (BOB, OTHER)))
+    submit = h.tx(ALICE, "job.submit", job_body(replicas=3, deadline_height=12))
+    h.block(submit)
+    third = h.store.read(lambda t: t.get(schema.JOBS, replica_id(submit.tx_id, 2)))
+    assert third["state"] == "queued" and "busy" in third["reason"]  # only two nodes
+    placed = {r: h.store.read(lambda t, r=r: t.get(schema.JOBS, r))["node"]
+              for r in (submit.tx_id, replica_id(submit.tx_id, 1))}
+    h.block(*(h.tx(BOB if node == BOB.node_id.key else OTHER, "job.receipt",
+                   receipt_body(rid, result_hash=bytes([i + 1]) * 32))
+              for i, (rid, node) in enumerate(placed.items())))
+    while h.chain.head().height < 12:
+        h.block()
+    first = h.store.read(lambda t: t.get(schema.JOBS, submit.tx_id))
+    assert first["state"] == "rejected" and first["outcome"]["result_hash"] is None
+    assert h.balance(ALICE) == 500 and h.balance(BOB) == 0 and h.audit().escrow == 0
+    assert "replicas must be" in h.block(h.tx(ALICE, "job.submit",
+                                              job_body(replicas=9, deadline_height=100)))[0]

@@ -18,9 +18,10 @@ from chain_harness import ALICE, BOB, CHAIN, OFFERER_FUNDS, OTHER, VALIDATOR, Ha
 from hmnode import schema
 from hmnode.consensus.chain import Chain
 from hmnode.consensus.messages import PREVOTE, Equivocation, sign_vote
+from hmnode.jobs import replica_id
 from hmnode.prover import publish_beacon
 from hmnode.simnet.sim.store import SimStore
-from hmnode.state_audit import allocation_problem, placement_problem
+from hmnode.state_audit import allocation_problem, placement_problem, replica_problem
 from hmnode.state_machine import MeshStateMachine
 
 OFFERERS = (BOB, OTHER)
@@ -37,6 +38,7 @@ job_specs = st.fixed_dictionaries({
     "max_price": st.integers(min_value=1, max_value=300),
     "gpu_count": st.sampled_from([0, 0, 0, 1, 2]),
     "deadline_height": st.integers(min_value=1, max_value=30),
+    "replicas": st.sampled_from([1, 1, 1, 2, 3]),
 })
 # A malformed or hostile body for any transaction kind.
 junk = st.dictionaries(st.sampled_from(["cores", "memory_mib", "runtime", "amount", "job_id",
@@ -134,6 +136,9 @@ class MeshMachine(RuleBasedStateMachine):
           cancel=st.booleans())
     def finish(self, key: Any, pick: int, wall_ms: int, cancel: bool) -> None:
         job_id = self.jobs[pick % len(self.jobs)]
+        record = self.h.store.read(lambda t: t.get(schema.JOBS, job_id))
+        if record.get("replicas", 1) > 1 and pick % 3 == 0:  # now and then another replica
+            job_id = replica_id(job_id, 1 + pick % (record["replicas"] - 1))
         node = self.h.store.read(lambda t: t.get(schema.JOBS, job_id))["node"]
         if node is not None and pick % 2:  # usually from the node that runs it
             key = next(k for k in USERS if k.node_id.key == node)
@@ -176,6 +181,7 @@ class MeshMachine(RuleBasedStateMachine):
         height = self._height()
         assert self.h.store.read(allocation_problem) is None
         assert self.h.store.read(lambda t: placement_problem(t, height)) is None
+        assert self.h.store.read(replica_problem) is None
 
     @invariant()
     def the_mirror_agrees(self) -> None:
