@@ -17,7 +17,7 @@ from hmnode.cli.options import data_dir_option, json_option, print_json, resolve
 from hmnode.errors import ControlError, UsageError
 from hmnode.jobspec import JobSpec, check, from_template, load_spec, read_program, with_overrides
 
-SETTLED = ("settled", "expired", "cancelled", "lapsed")
+SETTLED = ("settled", "rejected", "expired", "cancelled", "lapsed")
 POLL_S = 0.2
 
 
@@ -43,6 +43,9 @@ def _call(data_dir: Path | None, method: str, params: dict[str, Any], timeout: f
               help="Stop it past this [default: 60].")
 @click.option("--max-price", type=int, help="Credits held in escrow, at most paid [default: 100].")
 @click.option("--deadline-blocks", type=int, help="Blocks it may wait and run [default: 1000].")
+@click.option("--replicas", type=int, help="Distinct nodes that run it [default: 1].")
+@click.option("--quorum", type=int,
+              help="Replicas whose results must agree to be paid [default: a majority].")
 @click.option("--wait", is_flag=True, help="Wait for it to end and print its result.")
 @click.option("--timeout", type=float, default=120.0, show_default=True,
               help="Seconds --wait waits.")
@@ -51,7 +54,7 @@ def _call(data_dir: Path | None, method: str, params: dict[str, Any], timeout: f
 def submit(spec_file: Path | None, template: str | None, wasm: Path | None, args: tuple[str, ...],
            stdin: Path | None, cores: int | None, memory_mib: int | None,
            time_limit_s: int | None, max_price: int | None, deadline_blocks: int | None,
-           wait: bool, timeout: float, data_dir: Path | None, as_json: bool) -> None:
+           replicas: int | None, quorum: int | None, wait: bool, timeout: float, data_dir: Path | None, as_json: bool) -> None:
     """Submit a job: SPEC_FILE (TOML), or --template NAME, or --wasm FILE; prints its id (and
     with --wait its result). Flags override what the spec or template says."""
     given = [x for x in (spec_file, template, wasm) if x is not None]
@@ -67,7 +70,7 @@ def submit(spec_file: Path | None, template: str | None, wasm: Path | None, args
     spec = with_overrides(spec, args=tuple(args) or None,
                           stdin=None if stdin is None else _read(stdin), cores=cores,
                           memory_mib=memory_mib, time_limit_s=time_limit_s, max_price=max_price,
-                          deadline_blocks=deadline_blocks)
+                          deadline_blocks=deadline_blocks, replicas=replicas, quorum=quorum)
     answer = _call(data_dir, "submit_job", {"program": spec.program, "stdin": spec.stdin,
                                             "spec": spec.chain_spec(), "wait": 20}, timeout=30)
     if not wait:
@@ -78,7 +81,7 @@ def submit(spec_file: Path | None, template: str | None, wasm: Path | None, args
         return
     click.echo(f"job {answer['job_id']} submitted; waiting for it", err=True)
     job = _wait(data_dir, answer["job_id"], timeout)
-    if job["state"] != "settled":
+    if job["state"] != "settled" and not (job.get("outcome") or {}).get("result_hash"):
         raise click.ClickException(f"job {answer['job_id']} ended {job['state']}"
                                    + (f": {job['why_waiting']}" if job.get("why_waiting") else ""))
     _print_result(_call(data_dir, "job_result", {"job_id": answer["job_id"]}, timeout=60),

@@ -397,7 +397,22 @@ def job_json(job_id: bytes, record: dict[str, Any]) -> dict[str, Any]:
                           "duration_s": duration, "gpu_count": gpu_count, "gpu_model": gpu_model},
             "history": [{"state": s, "height": h} for s, h in record["history"]],
             "program": _program_json(record.get("program")),
-            "receipt": _receipt_json(record.get("receipt"))}
+            "receipt": _receipt_json(record.get("receipt")),
+            **_replicas_json(record)}
+
+
+def _replicas_json(record: dict[str, Any]) -> dict[str, Any]:
+    if record.get("replicas", 1) == 1:
+        return {}
+    outcome = record.get("outcome")
+    return {"group": record["group"].hex(), "replica": record["replica"],
+            "replicas": record["replicas"], "quorum": record["quorum"],
+            "outcome": None if outcome is None else {
+                "result_hash": None if outcome["result_hash"] is None
+                else outcome["result_hash"].hex(),
+                "agreeing": outcome["agreeing"], "reported": outcome["reported"],
+                "quorum": outcome["quorum"],
+                "disagreeing": [str(NodeId(n)) for n in outcome["disagreeing"]]}}
 
 
 def _program_json(program: dict[str, Any] | None) -> dict[str, Any] | None:

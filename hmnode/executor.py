@@ -77,7 +77,8 @@ class JobExecutor:
     """This node's side of the jobs allocated to it."""
 
     def __init__(self, key: NodeKey, store: Store, blobs: BlobStore, chain: Any, mesh: Any,
-                 work_dir: Path, wasm: WasmRuntime, slots: int = 2) -> None:
+                 work_dir: Path, wasm: WasmRuntime, slots: int = 2,
+                 wrong_results: bool = False) -> None:
         self.key = key
         self.store = store
         self.blobs = blobs
@@ -85,6 +86,8 @@ class JobExecutor:
         self.mesh = mesh  # Mesh: connect, addresses_of
         self.work_dir = work_dir
         self.wasm = wasm
+        # A fault for tests of replica validation: every result this node reports is wrong.
+        self.wrong_results = wrong_results
         self._slots = asyncio.Semaphore(slots)
         self._wake = asyncio.Event()
         self._active: dict[bytes, asyncio.Task] = {}
@@ -188,7 +191,8 @@ class JobExecutor:
             return Outcome(EXIT_CANNOT_RUN, str(exc), b"", b"")
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return Outcome(result.exit_code, result.reason, result.stdout, result.stderr,
+        stdout = result.stdout + b" (wrong on purpose)" if self.wrong_results else result.stdout
+        return Outcome(result.exit_code, result.reason, stdout, result.stderr,
                        result.wall_ms, result.cpu_ms, result.fuel, result.peak_memory_mib)
 
     async def _blob(self, digest: bytes, owner: NodeId) -> bytes:

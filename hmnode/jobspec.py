@@ -13,7 +13,8 @@ gpu_count = 0
 gpu_model = "A100"            # optional: any model when absent
 max_price = 100               # credits held in escrow, at most paid
 deadline_blocks = 1000        # blocks it may wait for a node and run
-replicas = 1                  # nodes that run it
+replicas = 1                  # nodes that run it (distinct ones), each paid from its escrow
+quorum = 1                    # replicas whose results must agree (a majority by default)
 ```
 """
 
@@ -28,13 +29,12 @@ import wasmtime
 
 from hmnode.catalog import TEMPLATES, Template
 from hmnode.errors import UsageError
-from hmnode.jobs import MAX_ARG_CHARS, MAX_ARGS, MAX_CORES, MAX_DURATION_S, MAX_GPUS, MAX_MEMORY_MIB, \
-    RUNTIMES
+from hmnode.jobs import (MAX_ARG_CHARS, MAX_ARGS, MAX_CORES, MAX_DURATION_S, MAX_GPUS,
+                         MAX_MEMORY_MIB, MAX_REPLICAS, RUNTIMES)
 
 MAX_PROGRAM_BYTES = 64 << 20
-MAX_REPLICAS = 1  # more than one replica comes with result validation
 KEYS = {"runtime", "program", "args", "stdin", "cores", "memory_mib", "time_limit_s", "gpu_count",
-        "gpu_model", "max_price", "deadline_blocks", "replicas"}
+        "gpu_model", "max_price", "deadline_blocks", "replicas", "quorum"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class JobSpec:
     max_price: int = 100
     deadline_blocks: int = 1000
     replicas: int = 1
+    quorum: int | None = None  # None: a majority of the replicas
     source: str = field(default="", compare=False)  # where it came from, for messages
 
     def chain_spec(self) -> dict[str, Any]:
@@ -64,6 +65,9 @@ class JobSpec:
             "deadline_blocks": self.deadline_blocks}
         if self.gpu_model is not None:
             spec["gpu_model"] = self.gpu_model
+        if self.replicas > 1:
+            spec["replicas"] = self.replicas
+            spec["quorum"] = self.quorum if self.quorum is not None else self.replicas // 2 + 1
         return spec
 
 
@@ -103,6 +107,8 @@ def check(spec: JobSpec) -> JobSpec:
               "replicas": spec.replicas}
     for name, (lo, hi) in fields.items():
         _int(values, name, lo, hi, where)
+    if spec.quorum is not None:
+        _int({"quorum": spec.quorum}, "quorum", spec.replicas // 2 + 1, spec.replicas, where)
     if spec.gpu_model is not None and not 0 < len(spec.gpu_model) <= 64:
         raise UsageError(f"{where}: gpu_model is 1 to 64 characters")
     return spec
@@ -147,7 +153,8 @@ def load_spec(path: Path) -> JobSpec:
         raise UsageError(f"{where}: stdin must name a file")
     base = path.parent
     numbers = {k: data[k] for k in ("cores", "memory_mib", "time_limit_s", "gpu_count",
-                                    "max_price", "deadline_blocks", "replicas") if k in data}
+                                    "max_price", "deadline_blocks", "replicas", "quorum")
+               if k in data}
     return check(JobSpec(
         runtime=str(runtime), program=read_program(base / data["program"], str(runtime)),
         args=tuple(args), stdin=None if stdin is None else _read(base / stdin),

@@ -5,6 +5,7 @@ jobs allocated to it, the offer it keeps on the chain, and the control methods b
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from hmnode.errors import HmnodeError
 from hmnode.executor import JobExecutor, read_result
 from hmnode.hardware import Inventory
 from hmnode.identity import NodeId, NodeKey
+from hmnode.jobs import replica_id
 from hmnode.store import Store
 from hmnode.transport.connection import TransportError
 from hmnode.wasm_runtime import WasmRuntime
@@ -30,7 +32,9 @@ DEFAULT_PRICE = {"core_hour": 10, "gib_hour": 1, "gpu_hour": 100, "start_fee": 1
 OFFER_BLOCKS = 1_000_000  # how long an offer stands (it is renewed when half of that is gone)
 MAX_PROGRAM_BYTES = 64 << 20
 DEFAULT_DEADLINE_BLOCKS = 1_000
-SETTLED_STATES = ("settled", "expired", "cancelled", "lapsed")
+# Tests of replica validation set this to "wrong-result" on one node: it reports wrong results.
+FAULT_ENV = "HMNODE_TEST_FAULT"
+SETTLED_STATES = ("settled", "rejected", "expired", "cancelled", "lapsed")
 
 
 def default_offer(inventory: Inventory | None, height: int) -> dict[str, Any] | None:
@@ -54,8 +58,9 @@ class WorkloadService:
         self.mesh = mesh
         self.blobs = BlobStore(data_dir / "blobs", store)
         self.wasm = WasmRuntime(data_dir / "cache" / "wasm")
-        self.executor = JobExecutor(key, store, self.blobs, chain, mesh, data_dir / "work",
-                                    self.wasm)
+        self.executor = JobExecutor(
+            key, store, self.blobs, chain, mesh, data_dir / "work", self.wasm,
+            wrong_results=os.environ.get(FAULT_ENV) == "wrong-result")
         endpoint.handlers.rpc = {**endpoint.handlers.rpc, "blob.get": BlobServer(self.blobs).serve}
         chain.commit_listeners.append(self.executor.wake)
 
@@ -114,6 +119,19 @@ class WorkloadService:
             raise MethodError("not_found", f"no job {params.get('job_id')} on this chain")
         return job_id, record
 
+    def _agreed_replica(self, job_id: bytes, record: dict) -> tuple[bytes, dict]:
+        """For a job of replicas: one that reported the agreed result (else `record`)."""
+        agreed = (record.get("outcome") or {}).get("result_hash")
+        if agreed is None:
+            return job_id, record
+        ids = [record["group"]] + [replica_id(record["group"], i)
+                                   for i in range(1, record["replicas"])]
+        for rid in ids:
+            member = self.store.read(lambda txn, r=rid: txn.get(schema.JOBS, r))
+            if member["state"] == "settled":
+                return rid, member
+        return job_id, record
+
     async def _job(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """A job with its history: each state with its height and that block's time, and this
         node's run of it (started, finished) where it ran it."""
@@ -132,6 +150,8 @@ class WorkloadService:
     async def _job_result(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """A settled job's result: fetched from the node that ran it unless kept here."""
         job_id, record = self._record(params)
+        if record.get("replicas", 1) > 1:
+            job_id, record = self._agreed_replica(job_id, record)
         receipt = record.get("receipt")
         if receipt is None:
             raise MethodError("not_ready", f"job {job_id.hex()} is {record['state']}; it has no "

@@ -516,15 +516,17 @@ class LocalMesh:
         self._wait_gone([rec], 5.0)
         return rec
 
-    def start(self, name: str, timeout: float = READY_TIMEOUT_S) -> NodeRecord:
+    def start(self, name: str, timeout: float = READY_TIMEOUT_S,
+              env: dict[str, str] | None = None) -> NodeRecord:
         """Start node `name` again on its address, without any bootstrap peer, so that it has
-        to rejoin through the peers it stored; returns its new record once it is ready."""
+        to rejoin through the peers it stored (`env` adds settings); returns its new record
+        once it is ready."""
         rec = self.record(name)
         if self.process(rec) is not None:
             raise UsageError(f"{name} is already running (pid {rec.pid})")
         # config.toml of every node but node00 holds the bootstrap peer it was started with; an
         # empty HMNODE_BOOTSTRAP overrides it, so the rejoin is through stored peers alone.
-        proc = self._spawn(name, rec.host, rec.port, None, {"HMNODE_BOOTSTRAP": ""})
+        proc = self._spawn(name, rec.host, rec.port, None, {**(env or {}), "HMNODE_BOOTSTRAP": ""})
         self._replace_record(self._provisional(name, proc, rec.host, rec.port))
         try:
             new = self._wait_ready(name, proc, time.monotonic() + timeout)

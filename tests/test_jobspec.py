@@ -40,7 +40,8 @@ def test_a_toml_spec_becomes_the_chains_job_fields(tmp_path: Path) -> None:
     ('program = "prog.wat"\nruntime = "docker"\n', "runtime must be one of wasm, process"),
     ('program = "in.txt"\n', "must be a WebAssembly module"),
     ('program = "prog.wat"\nargs = "x"\n', "args must be a list of strings"),
-    ('program = "prog.wat"\nreplicas = 3\n', "replicas must be a whole number from 1 to 1"),
+    ('program = "prog.wat"\nreplicas = 9\n', "replicas must be a whole number from 1 to 7"),
+    ('program = "prog.wat"\nreplicas = 3\nquorum = 1\n', "quorum must be a whole number from 2 to 3"),
     ('program = [\n', "is not valid TOML"),
 ])
 def test_bad_specs_say_what_to_fix(tmp_path: Path, text: str, why: str) -> None:

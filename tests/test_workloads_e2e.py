@@ -111,3 +111,29 @@ def test_a_job_interrupted_by_a_crash_runs_again(mesh_factory: Any, tmp_path: Pa
     started = time.monotonic()
     (outcome,) = mesh.down(timeout=5.0)
     assert outcome.outcome == "clean" and time.monotonic() - started < 5.0, outcome
+
+
+def test_replicas_agree_and_the_node_with_a_wrong_result_is_not_paid(mesh_factory: Any) -> None:
+    # Three validators, each offering its share; node 2 reports wrong results (a test fault).
+    mesh = mesh_factory(3, validators=3, env=FAST)
+    faulty = node_name(2)
+    mesh.kill(faulty)
+    mesh.start(faulty, env={"HMNODE_TEST_FAULT": "wrong-result"})
+    for i in range(3):
+        wait_until(lambda i=i: offering(mesh, node_name(i)), f"node {i} to offer", timeout=90)
+    submitter = mesh.data_dir(node_name(0)).path
+    assert run_json(submitter, "faucet", "1000")["ok"]
+    before = {i: run_json(mesh.data_dir(node_name(i)).path, "ledger")["account"]["balance"]
+              for i in range(3)}
+    result = run_json(submitter, "submit", "--template", "prime-sieve", "--arg", "1000",
+                      "--replicas", "3", "--wait", timeout=120)
+    assert result["stdout"] == "primes below 1000: 168\n"
+    job = run_json(submitter, "job", result["job_id"])
+    outcome = job["outcome"]
+    wrong = control.call(mesh.data_dir(faulty).control_socket, "status")["node_id"]
+    assert outcome["agreeing"] == 2 and outcome["reported"] == 3
+    assert outcome["disagreeing"] == [wrong] and outcome["quorum"] == 2
+    after = {i: run_json(mesh.data_dir(node_name(i)).path, "ledger")["account"]["balance"]
+             for i in range(3)}
+    assert after[2] == before[2]  # the wrong one was not paid
+    assert after[1] > before[1]  # an agreeing one was (node 0 paid itself as well)
