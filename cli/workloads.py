@@ -34,6 +34,8 @@ def _call(data_dir: Path | None, method: str, params: dict[str, Any], timeout: f
 @click.option("--template", "template", metavar="NAME", help="A job from `hmnode catalog`.")
 @click.option("--wasm", "wasm", type=click.Path(dir_okay=False, path_type=Path),
               help="A WebAssembly module (.wasm, or .wat text) to run.")
+@click.option("--cmd", "cmd", metavar="COMMAND",
+              help="A shell command to run (the process runtime, on nodes that allow it).")
 @click.option("--arg", "args", multiple=True, help="An argument for the program (repeat).")
 @click.option("--stdin", "stdin", type=click.Path(dir_okay=False, path_type=Path),
               help="A file the program reads as its standard input.")
@@ -51,22 +53,25 @@ def _call(data_dir: Path | None, method: str, params: dict[str, Any], timeout: f
               help="Seconds --wait waits.")
 @data_dir_option
 @json_option
-def submit(spec_file: Path | None, template: str | None, wasm: Path | None, args: tuple[str, ...],
+def submit(spec_file: Path | None, template: str | None, wasm: Path | None, cmd: str | None,
+           args: tuple[str, ...],
            stdin: Path | None, cores: int | None, memory_mib: int | None,
            time_limit_s: int | None, max_price: int | None, deadline_blocks: int | None,
            replicas: int | None, quorum: int | None, wait: bool, timeout: float, data_dir: Path | None, as_json: bool) -> None:
-    """Submit a job: SPEC_FILE (TOML), or --template NAME, or --wasm FILE; prints its id (and
-    with --wait its result). Flags override what the spec or template says."""
-    given = [x for x in (spec_file, template, wasm) if x is not None]
+    """Submit a job: SPEC_FILE (TOML), --template NAME, --wasm FILE or --cmd COMMAND; prints
+    its id (and with --wait its result). Flags override what the spec or template says."""
+    given = [x for x in (spec_file, template, wasm, cmd) if x is not None]
     if len(given) != 1:
-        raise UsageError("give one of SPEC_FILE, --template NAME or --wasm FILE")
+        raise UsageError("give one of SPEC_FILE, --template NAME, --wasm FILE or --cmd COMMAND")
     if spec_file is not None:
         spec = load_spec(spec_file)
     elif template is not None:
         spec = from_template(template)
-    else:
-        assert wasm is not None
+    elif wasm is not None:
         spec = check(JobSpec("wasm", read_program(wasm, "wasm"), source=str(wasm)))
+    else:
+        assert cmd is not None
+        spec = check(JobSpec("process", cmd.encode(), ("/bin/sh", "program"), source="--cmd"))
     spec = with_overrides(spec, args=tuple(args) or None,
                           stdin=None if stdin is None else _read(stdin), cores=cores,
                           memory_mib=memory_mib, time_limit_s=time_limit_s, max_price=max_price,

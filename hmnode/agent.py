@@ -123,9 +123,11 @@ class Agent:
                                   ChainConfig(empty_block_s=config.chain_empty_block_s),
                                   data_dir.path)
         self.workloads = WorkloadService(key, store, data_dir.path, self.chain, self.mesh,
-                                         self.endpoint)
+                                         self.endpoint, process=config.share_process,
+                                         unsandboxed=config.share_unsandboxed)
         if config.share_enabled:
-            self.chain.offer_source = lambda height: default_offer(self._inventory, height)
+            self.chain.offer_source = lambda height: default_offer(
+                self._inventory, height, self.workloads.runtimes)
         self.control = ControlServer(data_dir.control_socket, {
             "status": self._status,
             "assets": self._assets,

@@ -124,8 +124,36 @@ class Template:
         return self.program_text.encode()
 
 
+# Reads text on stdin and prints its line, word and character counts and its most common
+# words (the process runtime, on nodes that run it).
+WORD_COUNT_PY = """import collections, sys
+text = sys.stdin.read()
+words = text.split()
+print(f"lines {text.count(chr(10))} words {len(words)} characters {len(text)}")
+for word, n in collections.Counter(w.lower() for w in words).most_common(5):
+    print(f"{n:8} {word}")
+"""
+
+# Says which GPUs the job was given and what the driver sees of them.
+GPU_CHECK_SH = """echo "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L
+else
+    echo "nvidia-smi is not installed on this node"
+    exit 1
+fi
+"""
+
 TEMPLATES: dict[str, Template] = {
     "prime-sieve": Template(
         "prime-sieve", "count the primes below 10,000,000 (WebAssembly, about 0.1 s)", "wasm",
         args=("10000000",), memory_mib=32, duration_s=60, program_text=PRIME_SIEVE_WAT),
+    "word-count": Template(
+        "word-count", "count the lines and words of stdin with a Python script (process)",
+        "process", args=("python3", "program"), memory_mib=256, duration_s=60,
+        program_text=WORD_COUNT_PY),
+    "gpu-check": Template(
+        "gpu-check", "list the GPU the job is given, with nvidia-smi (process, 1 GPU)",
+        "process", args=("/bin/sh", "program"), memory_mib=128, duration_s=60, gpu_count=1,
+        program_text=GPU_CHECK_SH),
 }

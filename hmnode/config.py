@@ -201,6 +201,14 @@ class Config:
         "share.enabled", True, _flag, "HMNODE_SHARE_ENABLED",
         "offer this machine's cores and half its memory to the mesh, for the wasm runtime",
     )
+    share_process: bool = _setting(
+        "share.process", False, _flag, "HMNODE_SHARE_PROCESS",
+        "also run `process` jobs (native commands, in a sandbox of namespaces and rlimits)",
+    )
+    share_unsandboxed: bool = _setting(
+        "share.unsandboxed", False, _flag, "HMNODE_SHARE_UNSANDBOXED",
+        "run process jobs even where the kernel forbids the sandbox's namespaces (rlimits only)",
+    )
     log_level: str = _setting(
         "log.level", "info", _choice("debug", "info", "warning", "error"), "HMNODE_LOG_LEVEL",
         "least severe log level written",

@@ -32,6 +32,7 @@ from hmnode.identity import NodeId, NodeKey
 from hmnode.store import Store
 from hmnode.supervisor import in_daemon_thread
 from hmnode.transport.connection import TransportError
+from hmnode.process_runtime import ProcessLimits, ProcessRuntime
 from hmnode.wasm_runtime import WasmLimits, WasmRuntime
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ class JobExecutor:
     """This node's side of the jobs allocated to it."""
 
     def __init__(self, key: NodeKey, store: Store, blobs: BlobStore, chain: Any, mesh: Any,
-                 work_dir: Path, wasm: WasmRuntime, slots: int = 2,
-                 wrong_results: bool = False) -> None:
+                 work_dir: Path, wasm: WasmRuntime, process: ProcessRuntime | None = None,
+                 slots: int = 2, wrong_results: bool = False) -> None:
         self.key = key
         self.store = store
         self.blobs = blobs
@@ -86,6 +87,7 @@ class JobExecutor:
         self.mesh = mesh  # Mesh: connect, addresses_of
         self.work_dir = work_dir
         self.wasm = wasm
+        self.process = process  # None: this node runs no process jobs
         # A fault for tests of replica validation: every result this node reports is wrong.
         self.wrong_results = wrong_results
         self._slots = asyncio.Semaphore(slots)
@@ -171,9 +173,8 @@ class JobExecutor:
         program = record.get("program")
         if program is None:
             return Outcome(EXIT_CANNOT_RUN, "the job names no program to run", b"", b"")
-        if runtime != "wasm":
-            return Outcome(EXIT_CANNOT_RUN, f"this node cannot run the {runtime} runtime yet",
-                           b"", b"")
+        if runtime == "process" and self.process is None:
+            return Outcome(EXIT_CANNOT_RUN, "this node does not run process jobs", b"", b"")
         owner = NodeId(record["owner"])
         try:
             code = await self._blob(program["blob"], owner)
@@ -182,18 +183,32 @@ class JobExecutor:
             return Outcome(EXIT_CANNOT_RUN, f"cannot get the job's blobs: {exc}", b"", b"")
         work = self.work_dir / job_id.hex()
         shutil.rmtree(work, ignore_errors=True)  # what a run interrupted here left
+        args, name = list(program["args"]), f"hmnode-job-{job_id.hex()[:8]}"
         try:
-            result = await in_daemon_thread(
-                self.wasm.run, code, list(program["args"]), stdin, work / "scratch",
-                work / "run", WasmLimits(time_s=float(duration_s), memory_mib=memory_mib),
-                name=f"hmnode-job-{job_id.hex()[:8]}")
+            if runtime == "wasm":
+                result: Any = await in_daemon_thread(
+                    self.wasm.run, code, args, stdin, work / "scratch", work / "run",
+                    WasmLimits(time_s=float(duration_s), memory_mib=memory_mib), name=name)
+            else:
+                assert self.process is not None
+                # The program lands in the scratch directory as ./program; the args are the
+                # command (./program itself when there are none).
+                (work / "scratch").mkdir(parents=True)
+                (work / "scratch" / "program").write_bytes(code)
+                (work / "scratch" / "program").chmod(0o755)
+                result = await in_daemon_thread(
+                    self.process.run, args or ["./program"], stdin, work / "scratch",
+                    work / "run", ProcessLimits(time_s=float(duration_s), memory_mib=memory_mib,
+                                                gpus=tuple(range(record["spec"][5]))),
+                    name=name)
         except HmnodeError as exc:
             return Outcome(EXIT_CANNOT_RUN, str(exc), b"", b"")
         finally:
             shutil.rmtree(work, ignore_errors=True)
         stdout = result.stdout + b" (wrong on purpose)" if self.wrong_results else result.stdout
         return Outcome(result.exit_code, result.reason, stdout, result.stderr,
-                       result.wall_ms, result.cpu_ms, result.fuel, result.peak_memory_mib)
+                       result.wall_ms, result.cpu_ms, getattr(result, "fuel", 0),
+                       result.peak_memory_mib)
 
     async def _blob(self, digest: bytes, owner: NodeId) -> bytes:
         """A blob from this node's store, else pulled from the job's owner."""

@@ -20,6 +20,7 @@ from hmnode.executor import JobExecutor, read_result
 from hmnode.hardware import Inventory
 from hmnode.identity import NodeId, NodeKey
 from hmnode.jobs import replica_id
+from hmnode.process_runtime import ProcessRuntime
 from hmnode.store import Store
 from hmnode.transport.connection import TransportError
 from hmnode.wasm_runtime import WasmRuntime
@@ -37,13 +38,14 @@ FAULT_ENV = "HMNODE_TEST_FAULT"
 SETTLED_STATES = ("settled", "rejected", "expired", "cancelled", "lapsed")
 
 
-def default_offer(inventory: Inventory | None, height: int) -> dict[str, Any] | None:
+def default_offer(inventory: Inventory | None, height: int,
+                  runtimes: tuple[str, ...] = ("wasm",)) -> dict[str, Any] | None:
     """The offer this node keeps on the chain, from what it measured (None until it has)."""
     if inventory is None:
         return None
     return {"cores": max(1, inventory.cpu.logical_cores),
             "memory_mib": max(64, inventory.memory.total_bytes // 2 >> 20),
-            "runtimes": ["wasm"], "price": dict(DEFAULT_PRICE),
+            "runtimes": list(runtimes), "price": dict(DEFAULT_PRICE),
             "expires_height": height + OFFER_BLOCKS}
 
 
@@ -51,18 +53,32 @@ class WorkloadService:
     """Blobs, the executor and the workload control methods of one node."""
 
     def __init__(self, key: NodeKey, store: Store, data_dir: Path, chain: ChainService,
-                 mesh: Any, endpoint: Any) -> None:
+                 mesh: Any, endpoint: Any, process: bool = False,
+                 unsandboxed: bool = False) -> None:
         self.key = key
         self.store = store
         self.chain = chain
         self.mesh = mesh
         self.blobs = BlobStore(data_dir / "blobs", store)
         self.wasm = WasmRuntime(data_dir / "cache" / "wasm")
+        self.process = ProcessRuntime(unsandboxed) if process else None
+        if self.process is not None and self.process.unavailable is not None:
+            if unsandboxed:
+                log.warning("process jobs run WITHOUT a sandbox here (%s): rlimits only",
+                            self.process.unavailable)
+            else:
+                log.warning("process jobs are not offered: %s", self.process.unavailable)
+                self.process = None
         self.executor = JobExecutor(
-            key, store, self.blobs, chain, mesh, data_dir / "work", self.wasm,
+            key, store, self.blobs, chain, mesh, data_dir / "work", self.wasm, self.process,
             wrong_results=os.environ.get(FAULT_ENV) == "wrong-result")
         endpoint.handlers.rpc = {**endpoint.handlers.rpc, "blob.get": BlobServer(self.blobs).serve}
         chain.commit_listeners.append(self.executor.wake)
+
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes this node can run jobs with."""
+        return ("wasm",) if self.process is None else ("wasm", "process")
 
     async def run(self) -> None:
         try:

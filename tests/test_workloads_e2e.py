@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from conftest import hmnode, wait_until
 from hmnode import control
+from hmnode.process_runtime import sandbox_unavailable
 from hmnode.simnet.local import LocalMesh, node_name
 
 FAST = {"HMNODE_CHAIN_EMPTY_BLOCK_S": "1"}
@@ -137,3 +140,24 @@ def test_replicas_agree_and_the_node_with_a_wrong_result_is_not_paid(mesh_factor
              for i in range(3)}
     assert after[2] == before[2]  # the wrong one was not paid
     assert after[1] > before[1]  # an agreeing one was (node 0 paid itself as well)
+
+
+@pytest.mark.skipif(sandbox_unavailable() is not None,
+                    reason=f"no process sandbox here: {sandbox_unavailable()}")
+def test_process_jobs_run_sandboxed_where_the_contributor_allows(mesh_factory: Any,
+                                                                  tmp_path: Path) -> None:
+    mesh = mesh_factory(1, env={**FAST, "HMNODE_SHARE_PROCESS": "true"})
+    data_dir = mesh.data_dir(node_name(0)).path
+    wait_until(lambda: offering(mesh, node_name(0)), "the node to offer", timeout=60)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat saw the dog\nthe end\n")
+    counted = hmnode("submit", "--template", "word-count", "--stdin", text, "--wait",
+                     "--data-dir", data_dir, timeout=120)
+    assert counted.returncode == 0, counted.stderr
+    assert counted.stdout.splitlines()[:2] == ["lines 2 words 7 characters 28", "       3 the"]
+    escape = run_json(data_dir, "submit", "--cmd",
+                      "echo hi; echo x > /etc/hmnode-escape || echo refused; "
+                      "ping -c1 -W1 127.0.0.1 >/dev/null 2>&1 || echo offline", "--wait",
+                      timeout=120)
+    assert escape["stdout"] == "hi\nrefused\noffline\n" and escape["exit_code"] == 0
+    assert not Path("/etc/hmnode-escape").exists()
