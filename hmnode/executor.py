@@ -18,11 +18,9 @@ import asyncio
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import msgpack
 
 from hmnode import schema
 from hmnode.blob_transfer import fetch_blob
@@ -33,6 +31,7 @@ from hmnode.store import Store
 from hmnode.supervisor import in_daemon_thread
 from hmnode.transport.connection import TransportError
 from hmnode.process_runtime import ProcessLimits, ProcessRuntime
+from hmnode.run_result import RunResult
 from hmnode.wasm_runtime import WasmLimits, WasmRuntime
 
 log = logging.getLogger(__name__)
@@ -41,37 +40,6 @@ RUNNING, FINISHED, REPORTED = "running", "finished", "reported"
 SCAN_S = 2.0  # looks for work at least this often, besides after every commit
 RECEIPT_RETRY_S = 30.0  # a receipt not committed by then is submitted again
 EXIT_CANNOT_RUN = 125  # the job never started (as a shell reports a command it cannot run)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a run produced, as the result blob holds it."""
-
-    exit_code: int
-    reason: str
-    stdout: bytes
-    stderr: bytes
-    wall_ms: int = 0
-    cpu_ms: int = 0
-    fuel: int = 0
-    peak_memory_mib: int = 0
-
-    def result_blob(self) -> bytes:
-        """The bytes whose id is the receipt's result hash: only what the program decides
-        (its exit, why it ended, its output), so replicas of a deterministic job agree."""
-        return msgpack.packb({"exit_code": self.exit_code, "reason": self.reason,
-                              "stdout": self.stdout, "stderr": self.stderr}, use_bin_type=True)
-
-
-def read_result(data: bytes) -> dict[str, Any]:
-    """A result blob's fields (exit_code, reason, stdout, stderr); HmnodeError if it is not one."""
-    try:
-        result = msgpack.unpackb(data, raw=False)
-    except Exception:  # msgpack raises many types for bad input
-        result = None
-    if not isinstance(result, dict) or not {"exit_code", "reason", "stdout", "stderr"} <= set(result):
-        raise HmnodeError("this blob is not a job result")
-    return result
 
 
 class JobExecutor:
@@ -168,25 +136,25 @@ class JobExecutor:
                  extra={"event": "job_finished", "job_id": job_id.hex()})
         return execution
 
-    async def _outcome(self, job_id: bytes, record: dict) -> Outcome:
+    async def _outcome(self, job_id: bytes, record: dict) -> RunResult:
         cores, memory_mib, runtime, duration_s, *_ = record["spec"]
         program = record.get("program")
         if program is None:
-            return Outcome(EXIT_CANNOT_RUN, "the job names no program to run", b"", b"")
+            return RunResult(EXIT_CANNOT_RUN, "the job names no program to run", b"", b"")
         if runtime == "process" and self.process is None:
-            return Outcome(EXIT_CANNOT_RUN, "this node does not run process jobs", b"", b"")
+            return RunResult(EXIT_CANNOT_RUN, "this node does not run process jobs", b"", b"")
         owner = NodeId(record["owner"])
         try:
             code = await self._blob(program["blob"], owner)
             stdin = b"" if program["stdin"] is None else await self._blob(program["stdin"], owner)
         except (HmnodeError, TransportError) as exc:
-            return Outcome(EXIT_CANNOT_RUN, f"cannot get the job's blobs: {exc}", b"", b"")
+            return RunResult(EXIT_CANNOT_RUN, f"cannot get the job's blobs: {exc}", b"", b"")
         work = self.work_dir / job_id.hex()
         shutil.rmtree(work, ignore_errors=True)  # what a run interrupted here left
         args, name = list(program["args"]), f"hmnode-job-{job_id.hex()[:8]}"
         try:
             if runtime == "wasm":
-                result: Any = await in_daemon_thread(
+                result = await in_daemon_thread(
                     self.wasm.run, code, args, stdin, work / "scratch", work / "run",
                     WasmLimits(time_s=float(duration_s), memory_mib=memory_mib), name=name)
             else:
@@ -202,13 +170,12 @@ class JobExecutor:
                                                 gpus=tuple(range(record["spec"][5]))),
                     name=name)
         except HmnodeError as exc:
-            return Outcome(EXIT_CANNOT_RUN, str(exc), b"", b"")
+            return RunResult(EXIT_CANNOT_RUN, str(exc), b"", b"")
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        stdout = result.stdout + b" (wrong on purpose)" if self.wrong_results else result.stdout
-        return Outcome(result.exit_code, result.reason, stdout, result.stderr,
-                       result.wall_ms, result.cpu_ms, getattr(result, "fuel", 0),
-                       result.peak_memory_mib)
+        if self.wrong_results:
+            return replace(result, stdout=result.stdout + b" (wrong on purpose)")
+        return result
 
     async def _blob(self, digest: bytes, owner: NodeId) -> bytes:
         """A blob from this node's store, else pulled from the job's owner."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hmnode.errors import HmnodeError
+from hmnode.run_result import RunResult
 
 JOB_DIR = "/tmp"  # where a sandboxed job sees its scratch directory
 SANDBOX_UID = 65534  # "nobody": owns nothing, may do nothing that matters
@@ -54,23 +55,6 @@ class ProcessLimits:
     memory_mib: int
     output_bytes: int = 16 << 20
     gpus: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class ProcessResult:
-    """How a run ended and what it used (as `WasmResult`, without fuel)."""
-
-    exit_code: int
-    reason: str
-    stdout: bytes
-    stderr: bytes
-    wall_ms: int
-    cpu_ms: int
-    peak_memory_mib: int
-
-    @property
-    def ok(self) -> bool:
-        return self.reason == "exited" and self.exit_code == 0
 
 
 def _check(result: int, what: str) -> None:
@@ -145,7 +129,7 @@ class ProcessRuntime:
         self.unavailable = sandbox_unavailable()
 
     def run(self, argv: list[str], stdin: bytes, scratch: Path, work: Path,
-            limits: ProcessLimits) -> ProcessResult:
+            limits: ProcessLimits) -> RunResult:
         """Run `argv` with `scratch` as its only writable directory; blocks until it ends."""
         if self.unavailable is not None and not self.allow_unsandboxed:
             raise SandboxUnavailable(f"{self.unavailable}; this node refuses process jobs "
@@ -168,7 +152,7 @@ class ProcessRuntime:
                                         env=env, cwd=scratch, preexec_fn=preexec,
                                         close_fds=True)
             except (OSError, subprocess.SubprocessError) as exc:
-                return ProcessResult(127, f"could not start: {exc}", b"", b"", 0, 0, 0)
+                return RunResult(127, f"could not start: {exc}", b"", b"")
             reason = "exited"
             try:
                 proc.communicate(stdin, timeout=limits.time_s)
@@ -186,11 +170,10 @@ class ProcessRuntime:
                         + (usage.ru_stime - usage_before.ru_stime)) * 1000)
         # The largest resident set of any child this node has waited for: per run only when
         # runs do not overlap (what getrusage can tell).
-        return ProcessResult(code if code >= 0 else 128 - code, reason,
-                             _read(out_path, limits.output_bytes),
-                             _read(err_path, limits.output_bytes),
-                             round((time.perf_counter() - started) * 1000), cpu_ms,
-                             -(-usage.ru_maxrss // 1024))
+        return RunResult(code if code >= 0 else 128 - code, reason,
+                         _read(out_path, limits.output_bytes), _read(err_path, limits.output_bytes),
+                         round((time.perf_counter() - started) * 1000), cpu_ms,
+                         peak_memory_mib=-(-usage.ru_maxrss // 1024))
 
 
 def _limits_only(scratch: Path, limits: ProcessLimits) -> Callable[[], None]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import wasmtime
 
 from hmnode.errors import HmnodeError
+from hmnode.run_result import RunResult
 
 TICK_S = 0.01
 MAX_FUEL = (1 << 63) - 1
@@ -44,25 +45,6 @@ class WasmLimits:
     memory_mib: int
     fuel: int = MAX_FUEL
     output_bytes: int = DEFAULT_OUTPUT_BYTES
-
-
-@dataclass(frozen=True)
-class WasmResult:
-    """How a run ended and what it used. `reason` is "exited" for a module that returned or
-    called proc_exit; otherwise the limit it hit or the trap that ended it."""
-
-    exit_code: int
-    reason: str
-    stdout: bytes
-    stderr: bytes
-    wall_ms: int
-    cpu_ms: int
-    fuel: int
-    peak_memory_mib: int
-
-    @property
-    def ok(self) -> bool:
-        return self.reason == "exited" and self.exit_code == 0
 
 
 class WasmRuntime:
@@ -129,7 +111,7 @@ class WasmRuntime:
     # --- runs -----------------------------------------------------------------------------------
 
     def run(self, wasm: bytes, args: list[str], stdin: bytes, scratch: Path, work: Path,
-            limits: WasmLimits) -> WasmResult:
+            limits: WasmLimits) -> RunResult:
         """Run `wasm`'s `_start` with `args`, `stdin`, and `scratch` as its only directory;
         `work` (outside `scratch`) holds its captured output. Blocks until it ends."""
         module, _ = self.module(wasm)
@@ -176,7 +158,7 @@ class WasmRuntime:
         # nearly full (90%) is taken to have died of it, as a program whose allocation failed.
         if reason.startswith("trap") and peak * 10 >= (limits.memory_mib << 20) * 9:
             reason = f"memory limit: it asked for more than {limits.memory_mib} MiB"
-        return WasmResult(exit_code, reason, out.data(), err.data(),
+        return RunResult(exit_code, reason, out.data(), err.data(),
                           round((time.perf_counter() - started) * 1000),
                           round((time.thread_time() - cpu_started) * 1000), fuel,
                           -(-peak // (1 << 20)))

@@ -16,7 +16,8 @@ from hmnode.blobs import BlobMissing, BlobStore
 from hmnode.chain_service import ChainService, job_json
 from hmnode.control import MethodError
 from hmnode.errors import HmnodeError
-from hmnode.executor import JobExecutor, read_result
+from hmnode.executor import JobExecutor
+from hmnode.run_result import read_result
 from hmnode.hardware import Inventory
 from hmnode.identity import NodeId, NodeKey
 from hmnode.jobs import replica_id
