@@ -4,6 +4,7 @@ jobs allocated to it, the offer it keeps on the chain, and the control methods b
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Mapping
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PRICE = {"core_hour": 10, "gib_hour": 1, "gpu_hour": 100, "start_fee": 1}
 OFFER_BLOCKS = 1_000_000  # how long an offer stands (it is renewed when half of that is gone)
 MAX_PROGRAM_BYTES = 64 << 20
+COLLECT_S = 600.0
+UNPINNED_BLOB_BYTES = 1 << 30
 DEFAULT_DEADLINE_BLOCKS = 1_000
 # Tests of replica validation set this to "wrong-result" on one node: it reports wrong results.
 FAULT_ENV = "HMNODE_TEST_FAULT"
@@ -82,10 +85,25 @@ class WorkloadService:
         return ("wasm",) if self.process is None else ("wasm", "process")
 
     async def run(self) -> None:
+        collecting = asyncio.ensure_future(self._collect())
         try:
             await self.executor.run()
         finally:
+            collecting.cancel()
             self.wasm.close()
+
+    async def _collect(self) -> None:
+        """Now and then, drop the blobs nobody pinned (programs and inputs pulled to run a
+        job) past UNPINNED_BLOB_BYTES, least recently used first."""
+        while True:
+            await asyncio.sleep(COLLECT_S)
+            try:
+                removed = self.blobs.collect(UNPINNED_BLOB_BYTES)
+            except (HmnodeError, OSError) as exc:
+                log.warning("cannot collect unused blobs: %s", exc)
+                continue
+            if removed:
+                log.info("dropped %d unused blobs", len(removed))
 
     def methods(self) -> dict[str, Any]:
         """The control methods this service answers."""
