@@ -202,7 +202,8 @@ class ChainService:
                                     f"committed within {timeout:g} s; try the offer again "
                                     "later") from None
             done = self.tx_result(tx.tx_id) or {}
-            if not done.get("ok"):
+            # Refused because the node's own keeper registered it meanwhile: that will do.
+            if not done.get("ok") and keeper.standing().registered is None:
                 raise OfferNotReady(f"the chain refused this node's registration: "
                                     f"{done.get('rejected')}")
         return keeper.offer_body(body)

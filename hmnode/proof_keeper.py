@@ -6,6 +6,7 @@ them (the slow ones, work and time, off the event loop), submits them, and repor
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ class ProofKeeper:
         self.data_dir = data_dir
         self.retry_s = retry_s
         self._plot: Plot | None = None
+        # The offer path and the keeper's own loop may both want the plot at once.
+        self._plot_lock = threading.Lock()
         self._tried: dict[tuple[str, int], float] = {}  # task key -> when it was last handed out
         self._awaited_since: dict[int, float] = {}
 
@@ -90,6 +93,10 @@ class ProofKeeper:
     def plot(self, min_labels: int) -> Plot:
         """This node's plot: the one it registered, else the largest finished one in the data
         dir with at least `min_labels`, else a new one of `min_labels` (plotted here)."""
+        with self._plot_lock:
+            return self._find_or_make_plot(min_labels)
+
+    def _find_or_make_plot(self, min_labels: int) -> Plot:
         if self._plot is not None and self._plot.n_labels >= min_labels:
             return self._plot
         me = self.key.node_id.key

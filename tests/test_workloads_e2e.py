@@ -34,7 +34,13 @@ def offering(mesh: LocalMesh, name: str) -> bool:
 def test_a_lone_node_runs_a_submitted_job_end_to_end(mesh_factory: Any, tmp_path: Path) -> None:
     mesh = mesh_factory(1, env=FAST)
     data_dir = mesh.data_dir(node_name(0)).path
-    # The node registers and offers its share by itself.
+    # The node registers and offers its share by itself; an offer asked for meanwhile (which
+    # plots and registers too) waits for the same plot and takes the node's registration.
+    offer = {"cores": 2, "memory_mib": 2048, "runtimes": ["wasm"], "expires_height": 100_000,
+             "price": {"core_hour": 10, "gib_hour": 1, "gpu_hour": 0, "start_fee": 1}}
+    asked = control.call(mesh.data_dir(node_name(0)).control_socket, "transaction",
+                         {"kind": "offer.commit", "body": offer, "wait": 30}, timeout=60)
+    assert asked["ok"], asked
     wait_until(lambda: offering(mesh, node_name(0)), "the node to offer its share", timeout=60)
     before = run_json(data_dir, "ledger")["account"]["balance"]
 

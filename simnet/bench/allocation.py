@@ -293,7 +293,8 @@ def mesh_blocks(validators: int, jobs: int) -> dict[str, Any]:
     root = temp_root()
     mesh = LocalMesh(Path(root))
     try:
-        mesh.up(validators, validators=validators)
+        # The nodes offer what the benchmark says, not their own share.
+        mesh.up(validators, validators=validators, env={"HMNODE_SHARE_ENABLED": "false"})
         names = [node_name(i) for i in range(validators)]
         chain_id = wait_chain(mesh, names, validators, MESH_READY_S)
         # The baseline first, while no job waits (each block allocates the waiting ones).

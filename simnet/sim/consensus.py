@@ -79,8 +79,8 @@ CLIENTS = 4
 CLIENT_CREDITS = 1_000_000
 RESUBMIT_S = 3.0
 # The registry's rules in the simulator: cheap proofs (the test VDF, 8-bit work, 16-label plots)
-# and a beacon every 16 blocks, so that a run sees several periods and their deadlines.
-SIM_RULES = {"work_bits": 8, "min_plot_labels": 16, "beacon_blocks": 16, "answer_blocks": 4,
+# and a beacon every 40 blocks, so that a run of a minute sees a few periods and their deadlines.
+SIM_RULES = {"work_bits": 8, "min_plot_labels": 16, "beacon_blocks": 40, "answer_blocks": 4,
              "vdf_version": 0}
 TEND_S = 1.0  # how often a node's ProofKeeper looks at the chain
 PROOF_RETRY_S = 4.0
