@@ -49,6 +49,7 @@ class Standing:
     registered: dict | None
     offering: bool
     offer_expires: int  # the height its offer expires at (0 without one)
+    offers: int  # offers on the chain: without any, no beacon is worth its proof of time
     stake: int
     validators: tuple[bytes, ...]
 
@@ -85,7 +86,7 @@ class ProofKeeper:
             offer = txn.get(schema.OFFERS, me)
             return Standing(MeshStateMachine().params(txn), registry.beacon(), registry.node(me),
                             offer is not None, 0 if offer is None else offer["offer"][4],
-                            Ledger(txn).stake(me), validators)
+                            txn.count(schema.OFFERS), Ledger(txn).stake(me), validators)
         return self.chain.storage.read(read)
 
     # --- the plot -------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class ProofKeeper:
         tasks = []
         beacon, params = standing.beacon, standing.params
         me = self.key.node_id.key
-        if beacon.awaited and me in standing.validators:
+        if beacon.awaited and standing.offers and me in standing.validators:
             since = self._awaited_since.setdefault(beacon.period, now)
             designated = standing.validators[beacon.period % len(standing.validators)]
             if designated == me or now - since >= BACKUP_PUBLISH_S:

@@ -100,8 +100,10 @@ class RegistryRules:
 
     work_bits: int = 20
     min_plot_labels: int = 1024
-    beacon_blocks: int = 100
-    answer_blocks: int = 20
+    # A new beacon every this many blocks (only validators of a chain with offers spend the
+    # proof of time on it), and the blocks an offering node has to answer it.
+    beacon_blocks: int = 1000
+    answer_blocks: int = 200
     vdf_version: int = 1
 
 

@@ -65,11 +65,11 @@ class StateParams:
     # Admission and liveness (`hmnode.registry`): the registration's proof of work, the
     # smallest plot, how often a beacon draws space challenges and how long a node has to
     # answer, the proof of time's parameter set, and the stake an offer must prove.
-    work_bits: int = 20
-    min_plot_labels: int = 1024
-    beacon_blocks: int = 100
-    answer_blocks: int = 20
-    vdf_version: int = 1
+    work_bits: int = RegistryRules.work_bits
+    min_plot_labels: int = RegistryRules.min_plot_labels
+    beacon_blocks: int = RegistryRules.beacon_blocks
+    answer_blocks: int = RegistryRules.answer_blocks
+    vdf_version: int = RegistryRules.vdf_version
     offer_min_stake: int = 1
 
     def ledger(self) -> LedgerParams:

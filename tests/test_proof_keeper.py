@@ -50,14 +50,18 @@ def test_an_offer_starts_with_the_registration_then_the_offer(tmp_path: Path) ->
 
 
 def test_the_designated_validator_publishes_and_another_backs_it_up(tmp_path: Path) -> None:
-    h = Harness(validators=(VALIDATOR, OTHER))
+    h = Harness(validators=(VALIDATOR, OTHER), offerers=(BOB,))
     keepers = {k.node_id.key: ProofKeeper(k, h.chain, tmp_path / k.node_id.key.hex()[:8])
                for k in (VALIDATOR, OTHER)}
     assert all(k.due(0) == [] for k in keepers.values())  # period 0 needs no beacon
     until(h, 10)
     beacon = h.beacon()
     assert beacon.awaited and beacon.period == 1
-    order = [k for k, _ in h.chain.validators_at(11).members]
+    # Nothing is offered: no beacon is worth its proof of time.
+    assert all(k.due(1000.0) == [] for k in keepers.values())
+    h.join(BOB)
+    h.block(h.offer(BOB, OFFER))
+    order = [k for k, _ in h.chain.validators_at(h.chain.head().height + 1).members]
     designated, backup = keepers[order[1 % 2]], keepers[order[0]]
     assert backup.due(100.0) == []
     tasks = designated.due(100.0)
