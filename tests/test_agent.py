@@ -240,7 +240,9 @@ def test_json_logs_are_one_object_a_line(data_dir: Path, agents) -> None:
 def test_assets_from_the_agent_and_without_one(data_dir: Path, agents) -> None:
     offline = hmnode("assets", "--json", "--data-dir", data_dir)
     assert offline.returncode == 0, offline.stderr
-    agent = agents(data_dir)
+    # Not sharing: this test is about assets, and stopping a node while it computes its
+    # registration's proofs once failed to stop cleanly under CI's load (see the note).
+    agent = agents(data_dir, env=clean_env(HMNODE_SHARE_ENABLED="false"))
     agent.wait_ready()
     online = hmnode("assets", "--json", "--data-dir", data_dir)
     assert online.returncode == 0, online.stderr
@@ -251,7 +253,8 @@ def test_assets_from_the_agent_and_without_one(data_dir: Path, agents) -> None:
         assert inventory["gpu"]["gpus"] or inventory["gpu"]["reason"]
     human = hmnode("assets", "--data-dir", data_dir)
     assert "# agent" in human.stdout and "GPU" in human.stdout
-    assert agent.stop()[0] == 0
+    code, err = agent.stop()
+    assert code == 0, err[-3000:]
     # The agent stored what it measured.
     with Store.open(data_dir / "state.lmdb") as store:
         stored = store.read(lambda tx: tx.get(schema.INVENTORY, schema.INVENTORY_LATEST))
