@@ -54,6 +54,16 @@ async def fetch_blob(conn: PeerConnection, digest: bytes, blobs: BlobStore,
                       f"{conn.peer_id}; it was not kept")
 
 
+async def blob_from(blobs: BlobStore, mesh: Any, holder: Any, digest: bytes) -> bytes:
+    """Blob `digest`: kept here, else pulled from node `holder` through the mesh (which finds
+    a path to it: its advertised addresses, relay or hole punching)."""
+    if blobs.has(digest):
+        return blobs.get(digest)
+    addresses = mesh.addresses_of(holder)
+    conn = await mesh.connect(holder, addresses[0] if addresses else None)
+    return await fetch_blob(conn, digest, blobs)
+
+
 async def _pull(conn: PeerConnection, digest: bytes,
                 progress: Callable[[int, int], None] | None) -> bytes:
     parts: list[bytes] = []

@@ -168,7 +168,7 @@ class ChainService:
         standing = keeper.standing()
         if standing.offering and standing.offer_expires - height > OFFER_RENEW_BLOCKS:
             return None
-        return keeper.keep_offer(body, now, renew=standing.offering)
+        return keeper.keep_offer(body, now, renew=standing.offering, standing=standing)
 
     def head_height(self) -> int:
         return self._ready().head.height

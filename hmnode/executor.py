@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hmnode import schema
-from hmnode.blob_transfer import fetch_blob
+from hmnode.blob_transfer import blob_from
 from hmnode.blobs import BlobStore
 from hmnode.errors import HmnodeError
 from hmnode.identity import NodeId, NodeKey
@@ -145,8 +145,9 @@ class JobExecutor:
             return RunResult(EXIT_CANNOT_RUN, "this node does not run process jobs", b"", b"")
         owner = NodeId(record["owner"])
         try:
-            code = await self._blob(program["blob"], owner)
-            stdin = b"" if program["stdin"] is None else await self._blob(program["stdin"], owner)
+            code = await blob_from(self.blobs, self.mesh, owner, program["blob"])
+            stdin = b"" if program["stdin"] is None else await blob_from(
+                self.blobs, self.mesh, owner, program["stdin"])
         except (HmnodeError, TransportError) as exc:
             return RunResult(EXIT_CANNOT_RUN, f"cannot get the job's blobs: {exc}", b"", b"")
         work = self.work_dir / job_id.hex()
@@ -176,14 +177,6 @@ class JobExecutor:
         if self.wrong_results:
             return replace(result, stdout=result.stdout + b" (wrong on purpose)")
         return result
-
-    async def _blob(self, digest: bytes, owner: NodeId) -> bytes:
-        """A blob from this node's store, else pulled from the job's owner."""
-        if self.blobs.has(digest):
-            return self.blobs.get(digest)
-        addresses = self.mesh.addresses_of(owner)
-        conn = await self.mesh.connect(owner, addresses[0] if addresses else None)
-        return await fetch_blob(conn, digest, self.blobs)
 
     def _report(self, job_id: bytes, execution: dict) -> None:
         result = execution["result"]

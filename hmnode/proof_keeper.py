@@ -152,11 +152,12 @@ class ProofKeeper:
         return ProofTask(("register", 0), "node.register",
                          lambda: self.prover(standing).register(chain_id, work_bits))
 
-    def keep_offer(self, body: dict, now: float, renew: bool = False) -> ProofTask | None:
+    def keep_offer(self, body: dict, now: float, renew: bool = False,
+                   standing: Standing | None = None) -> ProofTask | None:
         """The next step towards this node offering `body`: its registration, then the offer
         itself; None once it offers (unless `renew`), or while the step handed out last is
-        still young."""
-        standing = self.standing()
+        still young. `standing`: one the caller has just read."""
+        standing = standing or self.standing()
         if standing.offering and not renew:
             return None
         height = self.chain.head().height

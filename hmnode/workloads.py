@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hmnode import schema
-from hmnode.blob_transfer import BlobServer, fetch_blob
+from hmnode.blob_transfer import BlobServer, blob_from
 from hmnode.blobs import BlobMissing, BlobStore
 from hmnode.chain_service import ChainService, job_json
 from hmnode.control import MethodError
@@ -194,14 +194,8 @@ class WorkloadService:
                                                        else " yet"))
         digest = receipt["result_hash"]
         try:
-            if self.blobs.has(digest):
-                data = self.blobs.get(digest)
-            else:
-                node = NodeId(record["node"])
-                addresses = self.mesh.addresses_of(node)
-                conn = await self.mesh.connect(node, addresses[0] if addresses else None)
-                data = await fetch_blob(conn, digest, self.blobs)
-            result = read_result(data)
+            result = read_result(await blob_from(self.blobs, self.mesh, NodeId(record["node"]),
+                                                 digest))
         except (BlobMissing, TransportError, HmnodeError) as exc:
             raise MethodError("unavailable", f"cannot get the result of job {job_id.hex()}: "
                                              f"{exc}") from None
