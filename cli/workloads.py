@@ -48,6 +48,8 @@ def _call(data_dir: Path | None, method: str, params: dict[str, Any], timeout: f
 @click.option("--replicas", type=int, help="Distinct nodes that run it [default: 1].")
 @click.option("--quorum", type=int,
               help="Replicas whose results must agree to be paid [default: a majority].")
+@click.option("--fuel", type=int,
+              help="wasm only: meter the run and stop it past this much work (slower).")
 @click.option("--wait", is_flag=True, help="Wait for it to end and print its result.")
 @click.option("--timeout", type=float, default=120.0, show_default=True,
               help="Seconds --wait waits.")
@@ -57,7 +59,7 @@ def submit(spec_file: Path | None, template: str | None, wasm: Path | None, cmd:
            args: tuple[str, ...],
            stdin: Path | None, cores: int | None, memory_mib: int | None,
            time_limit_s: int | None, max_price: int | None, deadline_blocks: int | None,
-           replicas: int | None, quorum: int | None, wait: bool, timeout: float, data_dir: Path | None, as_json: bool) -> None:
+           replicas: int | None, quorum: int | None, fuel: int | None, wait: bool, timeout: float, data_dir: Path | None, as_json: bool) -> None:
     """Submit a job: SPEC_FILE (TOML), --template NAME, --wasm FILE or --cmd COMMAND; prints
     its id (and with --wait its result). Flags override what the spec or template says."""
     given = [x for x in (spec_file, template, wasm, cmd) if x is not None]
@@ -75,7 +77,8 @@ def submit(spec_file: Path | None, template: str | None, wasm: Path | None, cmd:
     spec = with_overrides(spec, args=tuple(args) or None,
                           stdin=None if stdin is None else _read(stdin), cores=cores,
                           memory_mib=memory_mib, time_limit_s=time_limit_s, max_price=max_price,
-                          deadline_blocks=deadline_blocks, replicas=replicas, quorum=quorum)
+                          deadline_blocks=deadline_blocks, replicas=replicas, quorum=quorum,
+                          fuel=fuel)
     answer = _call(data_dir, "submit_job", {"program": spec.program, "stdin": spec.stdin,
                                             "spec": spec.chain_spec(), "wait": 20}, timeout=30)
     if not wait:
@@ -134,8 +137,9 @@ def job_command(job_id: str, data_dir: Path | None, as_json: bool) -> None:
         click.echo(f"  {step['state']:<10} height {step['height']}{at}")
     receipt = job.get("receipt")
     if receipt:
-        click.echo(f"receipt    exit {receipt['exit_code']}, {receipt['wall_ms']} ms, "
-                   f"fuel {receipt['fuel']}, paid {receipt.get('paid')}")
+        work = f"fuel {receipt['fuel']}" if receipt["fuel"] else f"CPU {receipt['cpu_ms']} ms"
+        click.echo(f"receipt    exit {receipt['exit_code']}, {receipt['wall_ms']} ms, {work}, "
+                   f"paid {receipt.get('paid')}")
 
 
 @click.command()

@@ -124,7 +124,9 @@ class Agent:
                                   data_dir.path)
         self.workloads = WorkloadService(key, store, data_dir.path, self.chain, self.mesh,
                                          self.endpoint, process=config.share_process,
-                                         unsandboxed=config.share_unsandboxed)
+                                         unsandboxed=config.share_unsandboxed,
+                                         gpus=lambda: () if self._inventory is None
+                                         else self._inventory.gpu.gpus)
         if config.share_enabled:
             self.chain.offer_source = lambda height: default_offer(
                 self._inventory, height, self.workloads.runtimes)

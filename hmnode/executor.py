@@ -20,12 +20,14 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from hmnode import schema
 from hmnode.blob_transfer import blob_from
 from hmnode.blobs import BlobStore
 from hmnode.errors import HmnodeError
+from hmnode.hardware import GpuInfo
 from hmnode.identity import NodeId, NodeKey
 from hmnode.store import Store
 from hmnode.supervisor import in_daemon_thread
@@ -42,12 +44,22 @@ RECEIPT_RETRY_S = 30.0  # a receipt not committed by then is submitted again
 EXIT_CANNOT_RUN = 125  # the job never started (as a shell reports a command it cannot run)
 
 
+def pick_gpus(gpus: tuple[GpuInfo, ...], model: str | None, count: int,
+               busy: set[str]) -> tuple[str, ...] | None:
+    """The UUIDs of `count` GPUs of `model` (the one allocation chose) that no other job on
+    this node holds, lowest index first; None if there are not that many free."""
+    free = [g for g in sorted(gpus, key=lambda g: g.index)
+            if (model is None or g.name == model) and g.uuid not in busy]
+    return tuple(g.uuid for g in free[:count]) if len(free) >= count else None
+
+
 class JobExecutor:
     """This node's side of the jobs allocated to it."""
 
     def __init__(self, key: NodeKey, store: Store, blobs: BlobStore, chain: Any, mesh: Any,
                  work_dir: Path, wasm: WasmRuntime, process: ProcessRuntime | None = None,
-                 slots: int = 2, wrong_results: bool = False) -> None:
+                 slots: int = 2, wrong_results: bool = False,
+                 gpus: Callable[[], tuple[GpuInfo, ...]] = tuple) -> None:
         self.key = key
         self.store = store
         self.blobs = blobs
@@ -61,6 +73,8 @@ class JobExecutor:
         self._slots = asyncio.Semaphore(slots)
         self._wake = asyncio.Event()
         self._active: dict[bytes, asyncio.Task] = {}
+        self.gpus = gpus  # this node's GPUs, as last probed
+        self._pinned: dict[bytes, tuple[str, ...]] = {}  # job -> the GPUs it holds
 
     def wake(self) -> None:
         """A block committed: look for new work."""
@@ -157,9 +171,17 @@ class JobExecutor:
             if runtime == "wasm":
                 result = await in_daemon_thread(
                     self.wasm.run, code, args, stdin, work / "scratch", work / "run",
-                    WasmLimits(time_s=float(duration_s), memory_mib=memory_mib), name=name)
+                    WasmLimits(time_s=float(duration_s), memory_mib=memory_mib,
+                               fuel=program.get("fuel")), name=name)
             else:
                 assert self.process is not None
+                gpu_count = record["spec"][5]
+                busy = {u for held in self._pinned.values() for u in held}
+                pinned = pick_gpus(self.gpus(), record.get("gpu"), gpu_count, busy)
+                if pinned is None:
+                    return RunResult(EXIT_CANNOT_RUN, f"this node has not {gpu_count} free GPUs "
+                                     f"of model {record.get('gpu')}", b"", b"")
+                self._pinned[job_id] = pinned
                 # The program lands in the scratch directory as ./program; the args are the
                 # command (./program itself when there are none).
                 (work / "scratch").mkdir(parents=True)
@@ -168,11 +190,12 @@ class JobExecutor:
                 result = await in_daemon_thread(
                     self.process.run, args or ["./program"], stdin, work / "scratch",
                     work / "run", ProcessLimits(time_s=float(duration_s), memory_mib=memory_mib,
-                                                gpus=tuple(range(record["spec"][5]))),
+                                                gpus=pinned, cores=cores),
                     name=name)
         except HmnodeError as exc:
             return RunResult(EXIT_CANNOT_RUN, str(exc), b"", b"")
         finally:
+            self._pinned.pop(job_id, None)
             shutil.rmtree(work, ignore_errors=True)
         if self.wrong_results:
             return replace(result, stdout=result.stdout + b" (wrong on purpose)")

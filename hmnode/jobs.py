@@ -38,6 +38,7 @@ MAX_MODEL = 64
 MAX_ARGS = 32
 MAX_REPLICAS = 7
 MAX_ARG_CHARS = 1024
+MAX_FUEL = (1 << 63) - 1  # wasmtime's fuel counter is a signed 64-bit number
 QUEUED, ALLOCATED = b"q", b"a"
 SEQ_KEY = "job_seq"  # in the state table: jobs submitted so far, which orders the queue
 
@@ -96,7 +97,7 @@ def parse_job(job_id: bytes, body: dict, height: int) -> tuple[Job, int]:
 
 def parse_program(body: dict) -> dict | None:
     """A `job.submit` body's "program": {"blob": the program's blob id, "args": [text, ...],
-    "stdin": a blob id or absent}; None when the job names none (it reserves resources only,
+    "stdin": a blob id or absent, "fuel": a wasm run's metered budget, or absent}; None when the job names none (it reserves resources only,
     and its node has nothing to run)."""
     program = body.get("program")
     if program is None:
@@ -112,7 +113,12 @@ def parse_program(body: dict) -> dict | None:
             not isinstance(a, str) or len(a) > MAX_ARG_CHARS for a in args):
         raise LedgerRefused(f"program.args is at most {MAX_ARGS} texts of at most "
                             f"{MAX_ARG_CHARS} characters")
-    return {"blob": blob, "args": args, "stdin": stdin}
+    fuel = program.get("fuel")
+    if fuel is None:
+        return {"blob": blob, "args": args, "stdin": stdin}
+    if isinstance(fuel, bool) or not isinstance(fuel, int) or not 0 < fuel <= MAX_FUEL:
+        raise LedgerRefused(f"program.fuel is a budget of 1..{MAX_FUEL} units")
+    return {"blob": blob, "args": args, "stdin": stdin, "fuel": fuel}
 
 
 class JobBook:

@@ -13,6 +13,10 @@ The child process, before it executes the command:
 - has rlimits: CPU seconds, address space, open files, processes, file size, no core dumps;
 - sees a scrubbed environment (PATH, HOME and TMPDIR in the scratch directory, and
   CUDA_VISIBLE_DEVICES pinning the GPUs it was given).
+Where the node may make control groups (root, cgroup v2, or v1 on hosts booted with it), each
+run also gets one of its own (`hmnode/cgroups.py`): its resident memory, its cores and its
+process count are capped there, its peak memory is read from it, and everything in it is
+killed at the end, also what left the run's process group.
 Past its time limit the whole group is killed. Where the namespaces cannot be made (a kernel
 or container that forbids them) the job is refused, unless the contributor allows unsandboxed
 jobs, in which case only the rlimits, the scrubbed environment and the scratch cwd remain.
@@ -21,6 +25,8 @@ jobs, in which case only the rlimits, the scrubbed environment and the scratch c
 from __future__ import annotations
 
 import ctypes
+import itertools
+import logging
 import os
 import resource
 import signal
@@ -30,8 +36,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hmnode.cgroups import CgroupLimits, JobCgroup, cgroup_version
 from hmnode.errors import HmnodeError
 from hmnode.run_result import RunResult
+
+log = logging.getLogger(__name__)
+_runs = itertools.count()
 
 JOB_DIR = "/tmp"  # where a sandboxed job sees its scratch directory
 SANDBOX_UID = 65534  # "nobody": owns nothing, may do nothing that matters
@@ -54,7 +64,8 @@ class ProcessLimits:
     time_s: float
     memory_mib: int
     output_bytes: int = 16 << 20
-    gpus: tuple[int, ...] = ()
+    gpus: tuple[str, ...] = ()  # the devices it may see (NVML UUIDs or indices)
+    cores: int = 1
 
 
 def _check(result: int, what: str) -> None:
@@ -75,8 +86,8 @@ def sandbox_unavailable() -> str | None:
     return None
 
 
-def _isolate_fn(scratch: Path, limits: ProcessLimits | None,
-                probe: bool = False) -> Callable[[], None]:
+def _isolate_fn(scratch: Path, limits: ProcessLimits | None, probe: bool = False,
+                cgroup: JobCgroup | None = None) -> Callable[[], None]:
     """What the child runs between fork and exec."""
     libc = ctypes.CDLL(None, use_errno=True)
     root = os.getuid() == 0
@@ -84,7 +95,12 @@ def _isolate_fn(scratch: Path, limits: ProcessLimits | None,
     scratch_b = str(scratch).encode()
     inside = JOB_DIR.encode()
 
+    procs = [] if cgroup is None else cgroup.procs_files()
+    address_space = _address_space(limits, cgroup)
+
     def isolate() -> None:
+        for path in procs:  # first, while still root: what it starts is in the group too
+            path.write_text(str(os.getpid()))
         os.setsid()
         flags = _CLONE_NEWNS | _CLONE_NEWNET | (0 if root else _CLONE_NEWUSER)
         _check(libc.unshare(flags), "unshare")
@@ -106,7 +122,7 @@ def _isolate_fn(scratch: Path, limits: ProcessLimits | None,
         assert limits is not None
         cpu = int(limits.time_s) + 1
         for name, value in ((resource.RLIMIT_CPU, cpu),
-                            (resource.RLIMIT_AS, limits.memory_mib << 20),
+                            (resource.RLIMIT_AS, address_space),
                             (resource.RLIMIT_NOFILE, MAX_OPEN_FILES),
                             (resource.RLIMIT_NPROC, MAX_PROCESSES),
                             (resource.RLIMIT_FSIZE, MAX_FILE_BYTES),
@@ -127,6 +143,7 @@ class ProcessRuntime:
     def __init__(self, allow_unsandboxed: bool = False) -> None:
         self.allow_unsandboxed = allow_unsandboxed
         self.unavailable = sandbox_unavailable()
+        self.cgroups, self.cgroup_note = cgroup_version()
 
     def run(self, argv: list[str], stdin: bytes, scratch: Path, work: Path,
             limits: ProcessLimits) -> RunResult:
@@ -141,10 +158,20 @@ class ProcessRuntime:
         home = JOB_DIR if self.unavailable is None else str(scratch)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home,
                "LANG": "C.UTF-8",
-               "CUDA_VISIBLE_DEVICES": ",".join(map(str, limits.gpus))}
+               # None visible unless given: an empty value hides every device from CUDA.
+               "CUDA_VISIBLE_DEVICES": ",".join(limits.gpus)}
+        cgroup = self._cgroup(limits)
+        try:
+            return self._run(argv, stdin, scratch, work, limits, env, cgroup)
+        finally:
+            if cgroup is not None:
+                cgroup.remove()  # kills what is left in it, also what left the session
+
+    def _run(self, argv: list[str], stdin: bytes, scratch: Path, work: Path,
+             limits: ProcessLimits, env: dict[str, str], cgroup: JobCgroup | None) -> RunResult:
         out_path, err_path = work / "stdout", work / "stderr"
-        preexec = _isolate_fn(scratch, limits) if self.unavailable is None else _limits_only(
-            scratch, limits)
+        preexec = (_isolate_fn(scratch, limits, cgroup=cgroup) if self.unavailable is None
+                   else _limits_only(scratch, limits, cgroup))
         started, usage_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
         with out_path.open("wb") as out, err_path.open("wb") as err:
             try:
@@ -161,32 +188,67 @@ class ProcessRuntime:
             finally:
                 _kill_group(proc)
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # Without a group, the largest resident set of any child this node has waited for:
+        # per run only when runs do not overlap (what getrusage can tell).
+        peak = usage.ru_maxrss << 10
         code = proc.returncode
+        if cgroup is not None:
+            peak = cgroup.peak_memory_bytes() or peak
+            if code < 0 and reason == "exited" and cgroup.oom_killed():
+                reason = f"memory limit: it used more than {limits.memory_mib} MiB"
         if code < 0 and reason == "exited":
             sig = signal.Signals(-code).name
             reason = ("time limit: it used all its CPU seconds" if -code == signal.SIGXCPU
                       else f"killed by {sig}")
         cpu_ms = round(((usage.ru_utime - usage_before.ru_utime)
                         + (usage.ru_stime - usage_before.ru_stime)) * 1000)
-        # The largest resident set of any child this node has waited for: per run only when
-        # runs do not overlap (what getrusage can tell).
         return RunResult(code if code >= 0 else 128 - code, reason,
                          _read(out_path, limits.output_bytes), _read(err_path, limits.output_bytes),
                          round((time.perf_counter() - started) * 1000), cpu_ms,
-                         peak_memory_mib=-(-usage.ru_maxrss // 1024))
+                         peak_memory_mib=-(-peak // (1 << 20)))
+
+    def _cgroup(self, limits: ProcessLimits) -> JobCgroup | None:
+        """A control group for one run, where this node can make them."""
+        if self.cgroups is None:
+            return None
+        try:
+            return JobCgroup.create(f"run-{os.getpid()}-{next(_runs)}", CgroupLimits(
+                memory_bytes=limits.memory_mib << 20, cores=limits.cores,
+                pids=MAX_PROCESSES))
+        except OSError as exc:
+            log.warning("cannot make a control group for a process job (%s); running it "
+                        "with rlimits only", exc)
+            return None
 
 
-def _limits_only(scratch: Path, limits: ProcessLimits) -> Callable[[], None]:
-    """The unsandboxed fallback: rlimits and its own session only."""
+def _limits_only(scratch: Path, limits: ProcessLimits,
+                 cgroup: JobCgroup | None) -> Callable[[], None]:
+    """The unsandboxed fallback: rlimits, a control group where there is one, and its own
+    session only."""
+    procs = [] if cgroup is None else cgroup.procs_files()
+    address_space = _address_space(limits, cgroup)
+
     def apply() -> None:
+        for path in procs:
+            path.write_text(str(os.getpid()))
         os.setsid()
         for name, value in ((resource.RLIMIT_CPU, int(limits.time_s) + 1),
-                            (resource.RLIMIT_AS, limits.memory_mib << 20),
+                            (resource.RLIMIT_AS, address_space),
                             (resource.RLIMIT_NOFILE, MAX_OPEN_FILES),
                             (resource.RLIMIT_FSIZE, MAX_FILE_BYTES),
                             (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(name, (value, value))
     return apply
+
+
+def _address_space(limits: ProcessLimits | None, cgroup: JobCgroup | None) -> int:
+    """The address-space rlimit: the memory limit itself without a control group; with one,
+    which caps the resident memory, four times it, so that runtimes which reserve address
+    space ahead (Go, the JVM, CUDA) still start."""
+    if limits is None:
+        return resource.RLIM_INFINITY
+    memory = limits.memory_mib << 20
+    return memory if cgroup is None else max(4 * memory, memory + (1 << 30))
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from hmnode.control import MethodError
 from hmnode.errors import HmnodeError
 from hmnode.executor import JobExecutor
 from hmnode.run_result import read_result
-from hmnode.hardware import Inventory
+from hmnode.hardware import GpuInfo, Inventory
 from hmnode.identity import NodeId, NodeKey
 from hmnode.jobs import replica_id
 from hmnode.process_runtime import ProcessRuntime
@@ -47,10 +48,15 @@ def default_offer(inventory: Inventory | None, height: int,
     """The offer this node keeps on the chain, from what it measured (None until it has)."""
     if inventory is None:
         return None
-    return {"cores": max(1, inventory.cpu.logical_cores),
-            "memory_mib": max(64, inventory.memory.total_bytes // 2 >> 20),
-            "runtimes": list(runtimes), "price": dict(DEFAULT_PRICE),
-            "expires_height": height + OFFER_BLOCKS}
+    offer: dict[str, Any] = {
+        "cores": max(1, inventory.cpu.logical_cores),
+        "memory_mib": max(64, inventory.memory.total_bytes // 2 >> 20),
+        "runtimes": list(runtimes), "price": dict(DEFAULT_PRICE),
+        "expires_height": height + OFFER_BLOCKS}
+    if "process" in runtimes and inventory.gpu.gpus:  # only process jobs can use a GPU
+        models = Counter(g.name for g in inventory.gpu.gpus)
+        offer["gpus"] = [[model, n] for model, n in sorted(models.items())]
+    return offer
 
 
 class WorkloadService:
@@ -58,7 +64,8 @@ class WorkloadService:
 
     def __init__(self, key: NodeKey, store: Store, data_dir: Path, chain: ChainService,
                  mesh: Any, endpoint: Any, process: bool = False,
-                 unsandboxed: bool = False) -> None:
+                 unsandboxed: bool = False,
+                 gpus: Callable[[], tuple[GpuInfo, ...]] = tuple) -> None:
         self.key = key
         self.store = store
         self.chain = chain
@@ -75,7 +82,7 @@ class WorkloadService:
                 self.process = None
         self.executor = JobExecutor(
             key, store, self.blobs, chain, mesh, data_dir / "work", self.wasm, self.process,
-            wrong_results=os.environ.get(FAULT_ENV) == "wrong-result")
+            wrong_results=os.environ.get(FAULT_ENV) == "wrong-result", gpus=gpus)
         endpoint.handlers.rpc = {**endpoint.handlers.rpc, "blob.get": BlobServer(self.blobs).serve}
         chain.commit_listeners.append(self.executor.wake)
 
@@ -121,7 +128,7 @@ class WorkloadService:
         if not isinstance(spec, dict):
             raise MethodError("bad_request", "spec is a map (runtime, resources, price, ...)")
         body = dict(spec)
-        args = body.pop("args", [])
+        args, fuel = body.pop("args", []), body.pop("fuel", None)
         deadline_blocks = body.pop("deadline_blocks", DEFAULT_DEADLINE_BLOCKS)
         if isinstance(deadline_blocks, bool) or not isinstance(deadline_blocks, int):
             raise MethodError("bad_request", "spec.deadline_blocks is a number of blocks")
@@ -129,6 +136,8 @@ class WorkloadService:
         # The blobs stay here, pinned: the node that runs the job pulls them from this one.
         body["program"] = {"blob": self.blobs.put(program, pin=True), "args": args,
                            "stdin": None if stdin is None else self.blobs.put(stdin, pin=True)}
+        if fuel is not None:
+            body["program"]["fuel"] = fuel
         try:
             tx = self.chain.sign_and_submit("job.submit", body)
         except HmnodeError as exc:

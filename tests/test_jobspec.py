@@ -30,6 +30,8 @@ def test_a_toml_spec_becomes_the_chains_job_fields(tmp_path: Path) -> None:
     assert spec.chain_spec() == {"runtime": "wasm", "cores": 2, "memory_mib": 128,
                                  "duration_s": 30, "max_price": 50, "gpu_count": 0,
                                  "args": ["7"], "deadline_blocks": 20}
+    metered = load_spec(write(tmp_path, 'program = "prog.wat"\nfuel = 5_000_000\n'))
+    assert metered.chain_spec()["fuel"] == 5_000_000
 
 
 @pytest.mark.parametrize("text,why", [
@@ -43,6 +45,8 @@ def test_a_toml_spec_becomes_the_chains_job_fields(tmp_path: Path) -> None:
     ('program = "prog.wat"\nreplicas = 9\n', "replicas must be a whole number from 1 to 7"),
     ('program = "prog.wat"\nreplicas = 3\nquorum = 1\n', "quorum must be a whole number from 2 to 3"),
     ('program = [\n', "is not valid TOML"),
+    ('program = "prog.wat"\nfuel = 0\n', "fuel must be a whole number from 1"),
+    ('program = "in.txt"\nruntime = "process"\nfuel = 10\n', "fuel meters wasm programs only"),
 ])
 def test_bad_specs_say_what_to_fix(tmp_path: Path, text: str, why: str) -> None:
     with pytest.raises(UsageError, match=why):

@@ -1,7 +1,8 @@
 """The process runtime's sandbox, with real processes: a command runs in its scratch directory
 with a scrubbed environment; it cannot write outside it, reach the network, exhaust memory,
 fork without bound, or outlive its time limit. Needs root or user namespaces; skipped with the
-reason where the kernel offers neither."""
+reason where the kernel offers neither. Where the node can make control groups, a run's
+resident memory is capped and nothing it started survives it, even outside its session."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from hmnode.cgroups import PARENT, CgroupLimits, JobCgroup, cgroup_version
 from hmnode.process_runtime import ProcessLimits, ProcessRuntime, SandboxUnavailable, \
     sandbox_unavailable
 
 WHY = sandbox_unavailable()
+CGROUPS, CGROUPS_WHY = cgroup_version()
+needs_cgroups = pytest.mark.skipif(CGROUPS is None, reason=f"no control groups: {CGROUPS_WHY}")
 # A Python the sandboxed user may run (the test's own may live in a home it cannot reach).
 PY = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
 needs_python = pytest.mark.skipif(PY is None, reason="no python3 on the sandbox's PATH")
@@ -30,7 +34,7 @@ def run(tmp_path: Path, *argv: str, stdin: bytes = b"", **limits: object) -> obj
 
 def test_a_command_runs_in_its_scratch_directory(tmp_path: Path) -> None:
     result = run(tmp_path, "sh", "-c", "echo $HOME; env | sort | cut -d= -f1 | tr '\\n' ' ';"
-                 " echo; cat; echo made > here.txt; pwd", stdin=b"from stdin\n", gpus=(1,))
+                 " echo; cat; echo made > here.txt; pwd", stdin=b"from stdin\n", gpus=("GPU-5c1f",))
     assert result.ok, result
     home, names, rest = result.stdout.decode().split("\n", 2)
     assert home == "/tmp"  # the scratch directory, mounted where the job can reach it
@@ -61,8 +65,45 @@ def test_there_is_no_network(tmp_path: Path) -> None:
 
 @needs_python
 def test_a_memory_bomb_fails_inside_its_limit(tmp_path: Path) -> None:
-    result = run(tmp_path, PY, "-c", "x = bytearray(1 << 30)", memory_mib=256)
-    assert result.exit_code != 0 and b"MemoryError" in result.stderr
+    # Writes 1 GiB (not a zeroed allocation, which would not be resident).
+    result = run(tmp_path, PY, "-c", "x = b'x' * (1 << 30)", memory_mib=256)
+    assert result.exit_code != 0
+    if CGROUPS is None:  # the address-space limit refuses the allocation
+        assert b"MemoryError" in result.stderr
+    else:  # the group's limit: the kernel kills it at 256 MiB resident
+        assert result.reason == "memory limit: it used more than 256 MiB", result
+        assert 200 <= result.peak_memory_mib <= 257
+
+
+@needs_cgroups
+def test_a_control_group_caps_a_run_and_goes_with_it(tmp_path: Path) -> None:
+    group = JobCgroup.create("test-limits", CgroupLimits(memory_bytes=64 << 20, cores=1.5,
+                                                         pids=10))
+    memory = group.dirs["memory"]
+    limit = "memory.max" if CGROUPS == "v2" else "memory.limit_in_bytes"
+    assert int((memory / limit).read_text()) == 64 << 20
+    assert int((group.dirs["pids"] / "pids.max").read_text()) == 10
+    cpu = group.dirs["cpu"]
+    quota = ((cpu / "cpu.max").read_text().split()[0] if CGROUPS == "v2"
+             else (cpu / "cpu.cfs_quota_us").read_text().strip())
+    assert int(quota) == 150_000
+    sleeper = subprocess.Popen(["sleep", "30"])
+    for path in group.procs_files():
+        path.write_text(str(sleeper.pid))
+    assert group.pids() == {sleeper.pid}
+    group.remove()
+    assert sleeper.wait(timeout=5) == -9
+    assert not any(d.exists() for d in group.dirs.values())
+
+
+@needs_cgroups
+def test_nothing_a_run_started_outlives_it(tmp_path: Path) -> None:
+    # `setsid` leaves the run's process group, so only its control group still holds it.
+    result = run(tmp_path, "sh", "-c", "setsid sleep 31 >/dev/null 2>&1 & sleep 0.3; echo started")
+    assert result.ok and result.stdout == b"started\n"
+    left = subprocess.run(["pgrep", "-f", "sleep 31"], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
+    assert not [p for p in Path("/sys/fs/cgroup").glob(f"**/{PARENT}/run-*")]
 
 
 def test_a_fork_bomb_is_bounded_and_cleaned_up(tmp_path: Path) -> None:
@@ -87,3 +128,4 @@ def test_without_namespaces_jobs_are_refused_unless_allowed(tmp_path: Path) -> N
     runtime.allow_unsandboxed = True
     assert runtime.run(["true"], b"", tmp_path / "s", tmp_path / "w",
                        ProcessLimits(1.0, 64)).ok
+

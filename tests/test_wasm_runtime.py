@@ -1,10 +1,15 @@
-"""The wasm runtime on real wasmtime: a module runs and its output, exit code, fuel and memory
-are reported; an infinite loop ends at its time limit, a memory bomb at its memory limit, fuel
-runs out, output past the cap is dropped, a module cannot open a file outside its scratch
-directory, and compiled modules come from the cache."""
+"""The wasm runtime on real wasmtime and real worker processes: a module runs and its output,
+exit code, CPU time (or fuel, when metered) and memory are reported; an infinite loop ends at
+its time limit, a memory bomb at its memory limit, fuel runs out, output past the cap is
+dropped, a module cannot open a file outside its scratch directory, compiled modules come from
+the cache, and no worker outlives the runtime or the node that started it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +17,7 @@ import pytest
 import wasmtime
 
 from hmnode.catalog import TEMPLATES
-from hmnode.wasm_runtime import WasmLimits, WasmRejected, WasmRuntime
+from hmnode.wasm_runtime import WasmLimits, WasmRejected, WasmRuntime, WasmWorkerFailed
 
 WASI = '(import "wasi_snapshot_preview1" "{name}" (func ${name} {sig}))'
 FD_WRITE = WASI.format(name="fd_write", sig="(param i32 i32 i32 i32) (result i32)")
@@ -71,7 +76,11 @@ def test_the_prime_sieve_runs_and_reports_its_work(runtime: WasmRuntime, tmp_pat
     wasm = TEMPLATES["prime-sieve"].program()
     result = run(runtime, tmp_path, wasm, ["1000000"])
     assert result.ok and result.stdout == b"primes below 1000000: 78498\n"
-    assert result.fuel > 1_000_000 and 1 <= result.peak_memory_mib <= 2
+    assert result.fuel == 0 and 1 <= result.peak_memory_mib <= 2
+    assert 0 < result.cpu_ms <= result.wall_ms + 50
+    # Asked for a fuel budget, the run is metered: the same answer, and the fuel it burned.
+    metered = run(runtime, tmp_path, wasm, ["1000000"], fuel=10**12)
+    assert metered.stdout == result.stdout and metered.fuel > 1_000_000
     bad = run(runtime, tmp_path, wasm, ["12x"])
     assert bad.exit_code == 2 and bad.reason == "exited" and not bad.ok
 
@@ -127,3 +136,65 @@ def test_bad_modules_are_refused_and_compiled_ones_cached(runtime: WasmRuntime,
         assert run(again, tmp_path, wasm, ["100"]).stdout == b"primes below 100: 25\n"
     finally:
         again.close()
+
+
+def _workers() -> set[int]:
+    """Pids of this machine's wasm workers."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"hmnode.wasm_worker" in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_closing_the_runtime_kills_its_running_worker(tmp_path: Path) -> None:
+    rt = WasmRuntime(tmp_path / "cache")
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(_try_run(rt, tmp_path, LOOP)))
+    before = _workers()
+    thread.start()
+    time.sleep(1.0)
+    assert _workers() - before, "a worker runs the loop"
+    started = time.monotonic()
+    rt.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and time.monotonic() - started < 5
+    assert isinstance(outcome[0], WasmWorkerFailed)
+    assert not (_workers() - before)
+
+
+def _try_run(rt: WasmRuntime, tmp_path: Path, wasm: bytes) -> object:
+    try:
+        return run(rt, tmp_path, wasm, time_s=60.0)
+    except WasmWorkerFailed as exc:
+        return exc
+
+
+def test_a_worker_dies_with_the_node_that_started_it(tmp_path: Path) -> None:
+    """A node killed with SIGKILL mid-run leaves no worker spinning on its loop."""
+    loop = tmp_path / "loop.wasm"
+    loop.write_bytes(LOOP)
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from hmnode.wasm_runtime import WasmRuntime, WasmLimits\n"
+        f"rt = WasmRuntime(Path({str(tmp_path / 'cache')!r}))\n"
+        f"rt.run(Path({str(loop)!r}).read_bytes(), [], b'', Path({str(tmp_path / 's')!r}),\n"
+        f"       Path({str(tmp_path / 'w')!r}), WasmLimits(time_s=120.0, memory_mib=16))\n")
+    before = _workers()
+    node = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 20
+        while len(_workers() - before) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the running worker and the spare
+        assert len(_workers() - before) == 2
+        node.kill()
+        node.wait()
+        deadline = time.monotonic() + 5
+        while _workers() - before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not (_workers() - before), "workers outlived the node"
+    finally:
+        node.kill()

@@ -56,7 +56,8 @@ def test_a_lone_node_runs_a_submitted_job_end_to_end(mesh_factory: Any, tmp_path
     assert [h["state"] for h in job["history"]] == ["queued", "allocated", "settled"]
     assert all(h["at"] for h in job["history"]) and job["execution"]["state"] == "reported"
     receipt = job["receipt"]
-    assert receipt["exit_code"] == 0 and receipt["fuel"] > 100_000_000
+    # Not metered: its work is the CPU time it used.
+    assert receipt["exit_code"] == 0 and receipt["fuel"] == 0 and receipt["cpu_ms"] > 0
     assert 0 < receipt["paid"] <= job["cost"]
     # It paid itself: the escrow is empty, its balance is back where it was.
     ledger = run_json(data_dir, "ledger")
@@ -73,6 +74,13 @@ def test_a_lone_node_runs_a_submitted_job_end_to_end(mesh_factory: Any, tmp_path
                  "--data-dir", data_dir, "--json", timeout=120)
     assert bad.returncode == 0, bad.stderr
     assert json.loads(bad.stdout)["exit_code"] == 2
+    # A fuel budget meters the run, and running out ends it with that reason.
+    metered = hmnode("submit", "--template", "prime-sieve", "--fuel", "100000", "--wait",
+                     "--data-dir", data_dir, "--json", timeout=120)
+    assert metered.returncode == 0, metered.stderr
+    outcome = json.loads(metered.stdout)
+    assert outcome["reason"] == "fuel limit: it burned all 100000 units of fuel"
+    assert run_json(data_dir, "job", outcome["job_id"])["receipt"]["fuel"] == 100_000
 
 
 def test_a_job_runs_on_another_node_and_its_result_comes_back(mesh_factory: Any) -> None:
