@@ -3,30 +3,32 @@ for the mesh, through the running node (which keeps their blobs and signs with i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from hmnode import control
+from hmnode.blob_control import fetch_result, upload_blob
 from hmnode.catalog import TEMPLATES
 from hmnode.cli.options import data_dir_option, json_option, print_json, resolve_data_dir
 from hmnode.errors import ControlError, UsageError
 from hmnode.jobspec import JobSpec, check, from_template, load_spec, read_program, with_overrides
 
 SETTLED = ("settled", "rejected", "expired", "cancelled", "lapsed")
+BAR_BYTES = 4 << 20  # transfers smaller than this show no progress bar
+T = TypeVar("T")
 POLL_S = 0.2
 
 
 def _call(data_dir: Path | None, method: str, params: dict[str, Any], timeout: float = 10) -> Any:
-    try:
-        return control.call(resolve_data_dir(data_dir).control_socket, method, params,
-                            timeout=timeout)
-    except ControlError as exc:
-        raise click.ClickException(str(exc)) from None
+    return _guard(lambda: control.call(resolve_data_dir(data_dir).control_socket, method,
+                                       params, timeout=timeout))
 
 
 @click.command()
@@ -79,7 +81,12 @@ def submit(spec_file: Path | None, template: str | None, wasm: Path | None, cmd:
                           memory_mib=memory_mib, time_limit_s=time_limit_s, max_price=max_price,
                           deadline_blocks=deadline_blocks, replicas=replicas, quorum=quorum,
                           fuel=fuel)
-    answer = _call(data_dir, "submit_job", {"program": spec.program, "stdin": spec.stdin,
+    socket = resolve_data_dir(data_dir).control_socket
+    blobs = [spec.program] + ([] if spec.stdin is None else [spec.stdin])
+    with _bar(sum(map(len, blobs)), "uploading") as bar:
+        ids = [_guard(lambda b=b: upload_blob(socket, b, progress=bar.update)) for b in blobs]
+    answer = _call(data_dir, "submit_job", {"program": ids[0],
+                                            "stdin": ids[1] if len(ids) > 1 else None,
                                             "spec": spec.chain_spec(), "wait": 20}, timeout=30)
     if not wait:
         if as_json:
@@ -92,8 +99,7 @@ def submit(spec_file: Path | None, template: str | None, wasm: Path | None, cmd:
     if job["state"] != "settled" and not (job.get("outcome") or {}).get("result_hash"):
         raise click.ClickException(f"job {answer['job_id']} ended {job['state']}"
                                    + (f": {job['why_waiting']}" if job.get("why_waiting") else ""))
-    _print_result(_call(data_dir, "job_result", {"job_id": answer["job_id"]}, timeout=60),
-                  as_json, None)
+    _print_result(_fetch_result(data_dir, answer["job_id"]), as_json, None)
 
 
 def _wait(data_dir: Path | None, job_id: str, timeout: float) -> dict[str, Any]:
@@ -150,7 +156,51 @@ def job_command(job_id: str, data_dir: Path | None, as_json: bool) -> None:
 @json_option
 def result(job_id: str, output: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """Fetch a settled job's result (from the node that ran it) and print its output."""
-    _print_result(_call(data_dir, "job_result", {"job_id": job_id}, timeout=60), as_json, output)
+    _print_result(_fetch_result(data_dir, job_id), as_json, output)
+
+
+def _fetch_result(data_dir: Path | None, job_id: str) -> dict[str, Any]:
+    """The job's result, with a progress bar while a large one moves."""
+    socket = resolve_data_dir(data_dir).control_socket
+    bar: Any = None
+    shown = 0
+
+    def progress(got: int, size: int) -> None:
+        nonlocal bar, shown
+        if bar is None and size >= BAR_BYTES:
+            bar = click.progressbar(length=size, label="fetching the result", file=sys.stderr)
+            bar.__enter__()
+        if bar is not None:
+            bar.update(max(0, got - shown))
+        shown = got if got < size else 0  # the pull is followed by the read, from 0 again
+    try:
+        return _guard(lambda: fetch_result(socket, job_id, progress=progress))
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _bar(total: int, label: str) -> Iterator[Any]:
+    """A progress bar on stderr for `total` bytes, only when there are enough to wait for."""
+    if total < BAR_BYTES:
+        yield _NoBar()
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+        yield bar
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """`fn()`, with the node's refusal as the CLI's error."""
+    try:
+        return fn()
+    except ControlError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _print_result(res: dict[str, Any], as_json: bool, output: Path | None) -> None:

@@ -1,15 +1,15 @@
 """Blobs between nodes over QUIC: the `blob.get` RPC serves a blob in chunks, and `fetch_blob`
 pulls one chunk at a time (each request waits for its answer, which is the backpressure),
-checks the whole against its id and keeps it. A blob that arrives damaged is refused and
+writes it to disk as it comes, checks the whole against its id and keeps it. A blob that arrives damaged is refused and
 fetched once more before the fetch fails."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from hmnode.blobs import HASH_BYTES, MAX_BLOB_BYTES, BlobCorrupt, BlobMissing, BlobStore
+from hmnode.blobs import (HASH_BYTES, MAX_BLOB_BYTES, BlobCorrupt, BlobMissing, BlobStore,
+                          BlobWriter)
 from hmnode.transport.connection import PeerConnection, RemoteError
 
 CHUNK_BYTES = 256 << 10  # well under a frame's 1 MiB
@@ -29,44 +29,52 @@ class BlobServer:
         if not isinstance(digest, bytes) or len(digest) != HASH_BYTES or isinstance(
                 offset, bool) or not isinstance(offset, int) or offset < 0:
             raise RemoteError("bad_request", "blob.get takes {id: 32 bytes, offset: int >= 0}")
-        path = self.blobs.path(digest)
         try:
-            with path.open("rb") as f:
-                size = f.seek(0, 2)
-                f.seek(offset)
-                data = f.read(CHUNK_BYTES)
-        except FileNotFoundError:
+            size, data = self.blobs.read_chunk(digest, offset, CHUNK_BYTES)
+        except BlobMissing:
             raise RemoteError("not_found", f"this node does not hold blob {digest.hex()}") from None
         return {"size": size, "data": data}
 
 
 async def fetch_blob(conn: PeerConnection, digest: bytes, blobs: BlobStore,
                      progress: Callable[[int, int], None] | None = None,
-                     pin: bool = False) -> bytes:
-    """Pull blob `digest` from the peer of `conn`, check it, keep it in `blobs`; its bytes.
-    BlobMissing if the peer lacks it, BlobCorrupt if it arrives damaged twice."""
-    for attempt in range(FETCH_ATTEMPTS):
-        data = await _pull(conn, digest, progress)
-        if hashlib.sha256(data).digest() == digest:
-            blobs.put(data, pin=pin)
-            return data
+                     pin: bool = False) -> None:
+    """Pull blob `digest` from the peer of `conn` into `blobs`, checked against its id; the
+    pieces go to disk as they come. BlobMissing if the peer lacks it, BlobCorrupt if it
+    arrives damaged twice."""
+    for _ in range(FETCH_ATTEMPTS):
+        writer = blobs.writer()
+        try:
+            await _pull(conn, digest, writer, progress)
+            writer.commit(expect=digest, pin=pin)
+            return
+        except BlobCorrupt:
+            continue
+        finally:
+            writer.abort()
     raise BlobCorrupt(f"blob {digest.hex()} arrived damaged {FETCH_ATTEMPTS} times from "
                       f"{conn.peer_id}; it was not kept")
 
 
-async def blob_from(blobs: BlobStore, mesh: Any, holder: Any, digest: bytes) -> bytes:
-    """Blob `digest`: kept here, else pulled from node `holder` through the mesh (which finds
-    a path to it: its advertised addresses, relay or hole punching)."""
+async def pull_from(blobs: BlobStore, mesh: Any, holder: Any, digest: bytes,
+                    progress: Callable[[int, int], None] | None = None) -> None:
+    """Make sure blob `digest` is kept here: pulled from node `holder` through the mesh
+    (which finds a path to it: its advertised addresses, relay or hole punching) if not."""
     if blobs.has(digest):
-        return blobs.get(digest)
+        return
     addresses = mesh.addresses_of(holder)
     conn = await mesh.connect(holder, addresses[0] if addresses else None)
-    return await fetch_blob(conn, digest, blobs)
+    await fetch_blob(conn, digest, blobs, progress)
 
 
-async def _pull(conn: PeerConnection, digest: bytes,
-                progress: Callable[[int, int], None] | None) -> bytes:
-    parts: list[bytes] = []
+async def blob_from(blobs: BlobStore, mesh: Any, holder: Any, digest: bytes) -> bytes:
+    """Blob `digest`'s bytes: kept here, else pulled from node `holder` first."""
+    await pull_from(blobs, mesh, holder, digest)
+    return blobs.get(digest)
+
+
+async def _pull(conn: PeerConnection, digest: bytes, writer: BlobWriter,
+                progress: Callable[[int, int], None] | None) -> None:
     got, size = 0, None
     while size is None or got < size:
         try:
@@ -82,10 +90,9 @@ async def _pull(conn: PeerConnection, digest: bytes,
                 or (not chunk and got < total):
             raise BlobCorrupt(f"{conn.peer_id} sent a malformed chunk of blob {digest.hex()}")
         size = total
-        parts.append(chunk)
         got += len(chunk)
         if got > size:
             raise BlobCorrupt(f"{conn.peer_id} sent more of blob {digest.hex()} than its size")
+        writer.write(chunk)
         if progress is not None:
             progress(got, size)
-    return b"".join(parts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from hmnode.store import Store, Txn
 
 HASH_BYTES = 32
 MAX_BLOB_BYTES = 1 << 30
+STALE_INCOMING_S = 3600.0  # a blob still arriving after this long was abandoned
 
 
 class BlobMissing(HmnodeError):
@@ -73,28 +75,37 @@ class BlobStore:
 
     def put(self, data: bytes, pin: bool = False) -> bytes:
         """Keep `data` (idempotent); its id. Pinning is sticky: a pinned blob stays pinned."""
-        if len(data) > MAX_BLOB_BYTES:
-            raise HmnodeError(f"a blob is at most {MAX_BLOB_BYTES} bytes, not {len(data)}")
-        digest = blob_id(data)
-        path = self.path(digest)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with tmp.open("wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
-            fsync_dir(path.parent)
+        writer = self.writer()
+        try:
+            writer.write(data)
+            return writer.commit(pin=pin)
+        finally:
+            writer.abort()
+
+    def writer(self) -> BlobWriter:
+        """A blob written in pieces (as it arrives), hashed on the way, kept on `commit`."""
+        return BlobWriter(self)
+
+    def _record(self, digest: bytes, size: int, pin: bool) -> None:
         now = time.time()
 
         def record(txn: Txn) -> None:
             held = txn.get(schema.BLOBS, digest)
             txn.put(schema.BLOBS, digest, {
-                "size": len(data), "pinned": bool(pin or (held and held["pinned"])),
+                "size": size, "pinned": bool(pin or (held and held["pinned"])),
                 "added": held["added"] if held else now, "used": now})
         self.store.write(record)
-        return digest
+
+    def read_chunk(self, digest: bytes, offset: int, limit: int) -> tuple[int, bytes]:
+        """The blob's size and up to `limit` of its bytes from `offset`, unchecked (whoever
+        reads the whole checks it against the id); BlobMissing."""
+        try:
+            with self.path(digest).open("rb") as f:
+                size = f.seek(0, 2)
+                f.seek(offset)
+                return size, f.read(limit)
+        except FileNotFoundError:
+            raise BlobMissing(f"this node does not hold blob {digest.hex()}") from None
 
     def get(self, digest: bytes) -> bytes:
         """The blob's bytes, checked against its id; BlobMissing or BlobCorrupt."""
@@ -122,7 +133,14 @@ class BlobStore:
 
     def collect(self, keep_bytes: int) -> list[bytes]:
         """Remove blobs that are not pinned, least recently used first, until the unpinned
-        ones take at most `keep_bytes`; the ids removed."""
+        ones take at most `keep_bytes`, and what abandoned transfers left; the ids removed."""
+        stale = time.time() - STALE_INCOMING_S
+        for tmp in self.root.glob(".incoming.*.tmp"):  # left by a crash mid-transfer
+            try:
+                if tmp.stat().st_mtime < stale:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass
         rows = self.store.read(lambda txn: [(d, r) for d, r in txn.items(schema.BLOBS)
                                             if not r["pinned"]])
         total = sum(r["size"] for _, r in rows)
@@ -134,3 +152,51 @@ class BlobStore:
             total -= raw["size"]
             removed.append(digest)
         return removed
+
+
+class BlobWriter:
+    """One blob on its way in: written to a temporary file and hashed as it comes, so its
+    size costs disk, not memory; `commit` checks it, syncs it and renames it into place
+    before its metadata is written (a crash leaves the whole blob or none)."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+        blobs.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = blobs.root / f".incoming.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+        self._file = self.tmp.open("wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        """Append `data`; HmnodeError past MAX_BLOB_BYTES."""
+        if self.size + len(data) > MAX_BLOB_BYTES:
+            raise HmnodeError(f"a blob is at most {MAX_BLOB_BYTES} bytes")
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    def commit(self, expect: bytes | None = None, pin: bool = False) -> bytes:
+        """Keep what was written; its id. BlobCorrupt (and nothing kept) if it is not `expect`."""
+        digest = self._hash.digest()
+        if expect is not None and digest != expect:
+            self.abort()
+            raise BlobCorrupt(f"blob {expect.hex()} arrived damaged ({self.size} bytes that "
+                              "hash to something else); it was not kept")
+        path = self.blobs.path(digest)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if path.exists():
+            self.tmp.unlink(missing_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.replace(path)
+            fsync_dir(path.parent)
+        self.blobs._record(digest, self.size, pin)
+        return digest
+
+    def abort(self) -> None:
+        """Drop what was written (a no-op once committed)."""
+        if not self._file.closed:
+            self._file.close()
+        self.tmp.unlink(missing_ok=True)

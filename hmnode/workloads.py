@@ -13,19 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from hmnode import schema
-from hmnode.blob_transfer import BlobServer, blob_from
-from hmnode.blobs import BlobMissing, BlobStore
+from hmnode.blob_control import BlobControl
+from hmnode.blob_transfer import BlobServer
+from hmnode.blobs import BlobStore, parse_blob_id
 from hmnode.chain_service import ChainService, job_json
 from hmnode.control import MethodError
 from hmnode.errors import HmnodeError
 from hmnode.executor import JobExecutor
-from hmnode.run_result import read_result
 from hmnode.hardware import GpuInfo, Inventory
 from hmnode.identity import NodeId, NodeKey
 from hmnode.jobs import replica_id
 from hmnode.process_runtime import ProcessRuntime
 from hmnode.store import Store
-from hmnode.transport.connection import TransportError
 from hmnode.wasm_runtime import WasmRuntime
 
 log = logging.getLogger(__name__)
@@ -84,6 +83,7 @@ class WorkloadService:
             key, store, self.blobs, chain, mesh, data_dir / "work", self.wasm, self.process,
             wrong_results=os.environ.get(FAULT_ENV) == "wrong-result", gpus=gpus)
         endpoint.handlers.rpc = {**endpoint.handlers.rpc, "blob.get": BlobServer(self.blobs).serve}
+        self.blob_control = BlobControl(self.blobs, mesh)
         chain.commit_listeners.append(self.executor.wake)
 
     @property
@@ -97,6 +97,7 @@ class WorkloadService:
             await self.executor.run()
         finally:
             collecting.cancel()
+            self.blob_control.close()
             self.wasm.close()
 
     async def _collect(self) -> None:
@@ -114,16 +115,17 @@ class WorkloadService:
 
     def methods(self) -> dict[str, Any]:
         """The control methods this service answers."""
-        return {"submit_job": self._submit_job, "job": self._job, "job_result": self._job_result}
+        return {"submit_job": self._submit_job, "job": self._job, "job_result": self._job_result,
+                **self.blob_control.methods()}
 
     # --- control methods ------------------------------------------------------------------------
 
     async def _submit_job(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        program, stdin = params.get("program"), params.get("stdin")
-        if not isinstance(program, bytes) or not 0 < len(program) <= MAX_PROGRAM_BYTES:
-            raise MethodError("bad_request", f"program is 1..{MAX_PROGRAM_BYTES} bytes")
-        if stdin is not None and not isinstance(stdin, bytes):
-            raise MethodError("bad_request", "stdin is bytes")
+        """{"program": blob id, "stdin": blob id or None, "spec", "wait"}: the blobs were
+        uploaded first (`blob_upload`) and stay here, pinned: the node that runs the job
+        pulls them from this one."""
+        program = self._held_blob(params.get("program"), "program")
+        stdin = None if params.get("stdin") is None else self._held_blob(params["stdin"], "stdin")
         spec = params.get("spec")
         if not isinstance(spec, dict):
             raise MethodError("bad_request", "spec is a map (runtime, resources, price, ...)")
@@ -133,9 +135,7 @@ class WorkloadService:
         if isinstance(deadline_blocks, bool) or not isinstance(deadline_blocks, int):
             raise MethodError("bad_request", "spec.deadline_blocks is a number of blocks")
         body.setdefault("deadline_height", self.chain.head_height() + deadline_blocks)
-        # The blobs stay here, pinned: the node that runs the job pulls them from this one.
-        body["program"] = {"blob": self.blobs.put(program, pin=True), "args": args,
-                           "stdin": None if stdin is None else self.blobs.put(stdin, pin=True)}
+        body["program"] = {"blob": program, "args": args, "stdin": stdin}
         if fuel is not None:
             body["program"]["fuel"] = fuel
         try:
@@ -152,6 +152,19 @@ class WorkloadService:
         if not done.get("ok"):
             raise MethodError("refused", f"the chain refused the job: {done.get('rejected')}")
         return {"job_id": tx.tx_id.hex(), "height": done["height"]}
+
+    def _held_blob(self, value: Any, name: str) -> bytes:
+        try:
+            digest = parse_blob_id(str(value))
+        except HmnodeError as exc:
+            raise MethodError("bad_request", f"{name}: {exc}") from None
+        info = self.blobs.info(digest)
+        if info is None or not self.blobs.has(digest):
+            raise MethodError("bad_request", f"{name}: this node holds no blob {value}; "
+                                             "upload it first (blob_upload)")
+        if name == "program" and info.size > MAX_PROGRAM_BYTES:
+            raise MethodError("bad_request", f"a program is at most {MAX_PROGRAM_BYTES} bytes")
+        return digest
 
     def _record(self, params: Mapping[str, Any]) -> tuple[bytes, dict]:
         try:
@@ -192,7 +205,9 @@ class WorkloadService:
         return out
 
     async def _job_result(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """A settled job's result: fetched from the node that ran it unless kept here."""
+        """Where a settled job's result is: {"state": "ready", "result_hash", "size", ...}
+        once kept here (read it with `blob_read`), else {"state": "pulling", "got", "size"}
+        while it is pulled from the node that ran it."""
         job_id, record = self._record(params)
         if record.get("replicas", 1) > 1:
             job_id, record = self._agreed_replica(job_id, record)
@@ -202,11 +217,13 @@ class WorkloadService:
                                            "result" + ("" if record["state"] in SETTLED_STATES
                                                        else " yet"))
         digest = receipt["result_hash"]
-        try:
-            result = read_result(await blob_from(self.blobs, self.mesh, NodeId(record["node"]),
-                                                 digest))
-        except (BlobMissing, TransportError, HmnodeError) as exc:
+        pull = self.blob_control.pull(NodeId(record["node"]), digest)
+        if pull is not None and pull.error is not None:
             raise MethodError("unavailable", f"cannot get the result of job {job_id.hex()}: "
-                                             f"{exc}") from None
-        return {"job_id": job_id.hex(), "result_hash": digest.hex(), **result,
+                                             f"{pull.error}")
+        if pull is not None:
+            return {"state": "pulling", "got": pull.got, "size": pull.size}
+        info = self.blobs.info(digest)
+        return {"state": "ready", "job_id": job_id.hex(), "result_hash": digest.hex(),
+                "size": None if info is None else info.size,
                 "node": str(NodeId(record["node"])), "receipt": job_json(job_id, record)["receipt"]}

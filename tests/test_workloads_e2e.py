@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import wasmtime
 
 from conftest import hmnode, wait_until
 from hmnode import control
+from hmnode.errors import ControlError
 from hmnode.process_runtime import sandbox_unavailable
 from hmnode.simnet.local import LocalMesh, node_name
 
@@ -74,6 +76,17 @@ def test_a_lone_node_runs_a_submitted_job_end_to_end(mesh_factory: Any, tmp_path
                  "--data-dir", data_dir, "--json", timeout=120)
     assert bad.returncode == 0, bad.stderr
     assert json.loads(bad.stdout)["exit_code"] == 2
+    # Blobs through the control API: bad uploads and reads are refused and change nothing.
+    socket = mesh.data_dir(node_name(0)).control_socket
+    for method, params, why in (
+            ("blob_upload", {"data": b"x" * (2 << 20)}, "data is at most"),
+            ("blob_upload", {"upload": "feedbeef", "data": b"x"}, "no upload feedbeef"),
+            ("blob_read", {"id": "00" * 32}, "does not hold blob"),
+            ("blob_read", {"id": "nothex"}, "is not a blob id"),
+            ("submit_job", {"program": "00" * 32, "spec": {"runtime": "wasm"}},
+             "upload it first")):
+        with pytest.raises(ControlError, match=why):
+            control.call(socket, method, params)
     # A fuel budget meters the run, and running out ends it with that reason.
     metered = hmnode("submit", "--template", "prime-sieve", "--fuel", "100000", "--wait",
                      "--data-dir", data_dir, "--json", timeout=120)
@@ -83,7 +96,8 @@ def test_a_lone_node_runs_a_submitted_job_end_to_end(mesh_factory: Any, tmp_path
     assert run_json(data_dir, "job", outcome["job_id"])["receipt"]["fuel"] == 100_000
 
 
-def test_a_job_runs_on_another_node_and_its_result_comes_back(mesh_factory: Any) -> None:
+def test_a_job_runs_on_another_node_and_its_result_comes_back(mesh_factory: Any,
+                                                             tmp_path: Path) -> None:
     # Node 0 is the one validator, so the only node with stake to offer; node 1 submits.
     mesh = mesh_factory(3, env=FAST)
     submitter = mesh.data_dir(node_name(1)).path
@@ -97,6 +111,45 @@ def test_a_job_runs_on_another_node_and_its_result_comes_back(mesh_factory: Any)
     # The runner pulled the program from the submitter; the submitter pulled the result.
     record = run_json(submitter, "job", job["job_id"])
     assert record["owner"] != runner and record["receipt"]["exit_code"] == 0
+
+    # Larger than a control message both ways: a 5 MiB program, 6.4 MiB of output. They move
+    # in chunks (the CLI's upload, QUIC between the nodes, the CLI's read), with a progress bar.
+    program = tmp_path / "big.wasm"
+    program.write_bytes(with_padding(wasmtime.wat2wasm(WRITES_6_MIB), 5 << 20))
+    submitted = run_json(submitter, "submit", "--wasm", program, "--time-limit", "30")
+    wait_until(lambda: run_json(submitter, "job", submitted["job_id"])["state"] == "settled",
+               "the big job to settle", timeout=120)
+    out = tmp_path / "out"
+    fetched = hmnode("result", submitted["job_id"], "-o", out, "--data-dir", submitter)
+    assert fetched.returncode == 0, fetched.stderr
+    assert "fetching the result" in fetched.stderr
+    assert (out / "stdout").read_bytes() == b"x" * (100 * 65536)
+
+
+# Fills its first page with "x" and writes it to stdout 100 times.
+WRITES_6_MIB = """(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (func (export "_start") (local $i i32)
+    (memory.fill (i32.const 0) (i32.const 120) (i32.const 65536))
+    (i32.store (i32.const 65536) (i32.const 0)) (i32.store (i32.const 65540) (i32.const 65536))
+    (loop $l
+      (drop (call $w (i32.const 1) (i32.const 65536) (i32.const 1) (i32.const 65544)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $l (i32.lt_u (local.get $i) (i32.const 100))))))"""
+
+
+def with_padding(wasm: bytes, size: int) -> bytes:
+    """`wasm` with a custom section (which runtimes ignore) that makes it `size` bytes or so."""
+    name = b"padding"
+    payload = bytes([len(name)]) + name + b"\0" * size
+    length, leb = len(payload), bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        leb.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return wasm + b"\0" + bytes(leb) + payload
 
 
 def test_a_job_interrupted_by_a_crash_runs_again(mesh_factory: Any, tmp_path: Path) -> None:

@@ -3,10 +3,11 @@ wasm runtime's overhead.
 
 - submit_to_running_ms / submit_to_result_ms (p50, p99): `jobs` prime-sieve jobs (a small
   argument, so the run itself is short), one after the other, each submitted through a node's
-  control API (`submit_job`) on a real mesh of `hmnode run` processes over loopback. Running:
+  control API (`blob_upload`, then `submit_job`) on a real mesh of `hmnode run` processes over loopback. Running:
   the runner's own record of when it started the job (`hmnode job` on the node that ran it;
   one machine, one clock) minus the wall time just before the submit. Result: when the
-  submitter has fetched the result (`job_result`), polling every 20 ms once it is settled.
+  submitter has read the result (`job_result` until it is here, then `blob_read`), polling
+  every 20 ms once it is settled.
   Measured on a lone node and on `validators` validators (each offering its share; jobs land
   where allocation puts them).
 - wasm_start_ms_p50: a trivial module run to its end by `WasmRuntime` (compiled module cached,
@@ -42,6 +43,7 @@ from hmnode.jobspec import from_template, with_overrides
 from hmnode.simnet.bench.consensus import call, percentile, temp_root, wait_chain
 from hmnode.simnet.local import LocalMesh, node_name
 from hmnode.process_runtime import ProcessLimits, ProcessRuntime, sandbox_unavailable
+from hmnode.blob_control import fetch_result, upload_blob
 from hmnode.wasm_runtime import WasmLimits, WasmRuntime
 
 DEFAULT_RUNS = 1
@@ -157,14 +159,15 @@ def mesh_figures(validators: int, jobs: int) -> dict[str, Any]:
                                                   "body": {"amount": 100_000}, "wait": 20},
                  timeout=30)
         running, results, where = [], [], set()
+        socket = mesh.data_dir(submitter).control_socket
         for _ in range(jobs):
             t0 = time.time()
+            program = upload_blob(socket, spec.program)
             answer = call(mesh, submitter, "submit_job", {
-                "program": spec.program, "stdin": None, "spec": spec.chain_spec(), "wait": 20},
+                "program": program, "stdin": None, "spec": spec.chain_spec(), "wait": 20},
                 timeout=30)
             job = _wait_settled(mesh, submitter, answer["job_id"])
-            result = call(mesh, submitter, "job_result", {"job_id": answer["job_id"]},
-                          timeout=30)
+            result = fetch_result(socket, answer["job_id"], timeout=30)
             results.append(time.time() - t0)
             if result["exit_code"] != 0:
                 raise BenchError(f"a job failed: {result['reason']}")
