@@ -399,6 +399,7 @@ def job_json(job_id: bytes, record: dict[str, Any]) -> dict[str, Any]:
             "history": [{"state": s, "height": h} for s, h in record["history"]],
             "program": _program_json(record.get("program")),
             "receipt": _receipt_json(record.get("receipt")),
+            **({"released": record["released"]} if "released" in record else {}),
             **_replicas_json(record)}
 
 

@@ -39,6 +39,8 @@ MAX_ARGS = 32
 MAX_REPLICAS = 7
 MAX_ARG_CHARS = 1024
 MAX_FUEL = (1 << 63) - 1  # wasmtime's fuel counter is a signed 64-bit number
+MAX_REASON = 200  # characters of a pause's or a release's reason
+MAX_ALLOWED = 64  # node ids an offer may name as the only submitters it takes
 QUEUED, ALLOCATED = b"q", b"a"
 SEQ_KEY = "job_seq"  # in the state table: jobs submitted so far, which orders the queue
 
@@ -79,6 +81,28 @@ def parse_offer(node: bytes, body: dict, height: int) -> Offer:
                  Price(*(_count(price, k, 1 << 40) for k in ("core_hour", "gib_hour", "gpu_hour",
                                                             "start_fee"))),
                  expires, tuple(sorted(gpu_pairs)))
+
+
+def parse_offer_terms(body: dict) -> dict[str, Any]:
+    """An `offer.commit` body's terms besides capacity and price: "paused" (why the node
+    shares nothing now; its offer stays, so what runs keeps its place) and "allow" (the only
+    submitters whose jobs it takes; absent: everyone). Only the terms given."""
+    terms: dict[str, Any] = {}
+    if body.get("paused") is not None:
+        terms["paused"] = _reason(body["paused"], "paused")
+    allow = body.get("allow")
+    if allow is not None:
+        if not isinstance(allow, list) or not 0 < len(allow) <= MAX_ALLOWED or any(
+                not isinstance(n, bytes) or len(n) != 32 for n in allow):
+            raise LedgerRefused(f"allow is a list of 1..{MAX_ALLOWED} 32-byte node ids")
+        terms["allow"] = sorted(set(allow))
+    return terms
+
+
+def _reason(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_REASON:
+        raise LedgerRefused(f"{name} is a reason of 1..{MAX_REASON} characters")
+    return value
 
 
 def parse_job(job_id: bytes, body: dict, height: int) -> tuple[Job, int]:
@@ -132,6 +156,7 @@ class JobBook:
 
     def commit_offer(self, node: bytes, body: dict, height: int) -> None:
         offer = parse_offer(node, body, height)
+        terms = parse_offer_terms(body)
         held = self.txn.get(schema.OFFERS, node)
         used = held["used"] if held is not None else [0, 0, {}, {}]
         gpus = dict(offer.gpus)
@@ -142,7 +167,7 @@ class JobBook:
         if dropped:
             raise LedgerRefused(f"the offer drops the {', '.join(dropped)} runtime its running "
                                 "jobs use")
-        self.txn.put(schema.OFFERS, node, {"offer": _offer_wire(offer), "used": used})
+        self.txn.put(schema.OFFERS, node, {"offer": _offer_wire(offer), "used": used, **terms})
 
     def submit(self, owner: bytes, job_id: bytes, body: dict, height: int) -> None:
         """Queue a job with its maximum price in escrow; a job of `replicas` > 1 is queued as
@@ -171,6 +196,23 @@ class JobBook:
                 record.update(group=job_id, replica=i, replicas=replicas, quorum=quorum)
             self.txn.put(schema.JOBS, rid, record)
             self.txn.put(schema.JOB_INDEX, _queued_key(seq, rid), rid)
+
+    def release(self, node: bytes, body: dict, height: int) -> None:
+        """The node a job was allocated to gives it back unfinished (its contributor paused
+        sharing past the grace period, say): the job waits in the queue again, in its old
+        place, with its escrow; the node is free of it and earns nothing."""
+        job_id = body.get("job_id")
+        record = self.txn.get(schema.JOBS, job_id) if isinstance(job_id, bytes) else None
+        if record is None or record["state"] != "allocated" or record["node"] != node:
+            raise LedgerRefused("no job allocated to this node with that id")
+        why = _reason(body.get("reason"), "reason")
+        self.txn.delete(schema.JOB_INDEX, ALLOCATED + job_id)
+        self._use(node, record["spec"], record.get("gpu"), -1)
+        record.update(state="queued", node=None, cost=None, price=None, gpu=None,
+                      reason="not yet considered", released=f"node {node.hex()[:8]}: {why}")
+        record["history"].append(["released", height])
+        self.txn.put(schema.JOBS, job_id, record)
+        self.txn.put(schema.JOB_INDEX, _queued_key(record["seq"], job_id), job_id)
 
     def withdraw_offer(self, node: bytes) -> None:
         held = self.txn.get(schema.OFFERS, node)
@@ -254,19 +296,30 @@ class JobBook:
                   self.txn.items(schema.JOB_INDEX) if key[:1] == QUEUED][:MAX_QUEUED_PER_BLOCK]
         if not queued:
             return
-        offers, free, held_back = [], {}, {}
+        offers, free, held_back, allowed = [], {}, {}, {}
         for node, held in self.txn.items(schema.OFFERS):
             offer = _offer_from(node, held["offer"])
             why = unavailable(node) if unavailable is not None else None
+            if why is None and "paused" in held:
+                why = f"paused sharing: {held['paused']}"
             if why is not None:
                 held_back[node] = why
                 continue
+            if "allow" in held:
+                allowed[node] = set(held["allow"])
             used = held["used"]
             offers.append(offer)
             free[node] = Free(offer.cores - used[0], offer.memory_mib - used[1],
                               {m: n - used[2].get(m, 0) for m, n in offer.gpus})
-        jobs = [self._job_for_allocation(job_id, record) for job_id, record in queued]
+        jobs = [self._job_for_allocation(job_id, record, allowed) for job_id, record in queued]
         placements, reasons = allocate(offers, free, jobs, height)
+        if allowed:
+            owners = dict((job_id, record["owner"]) for job_id, record in queued)
+            for job_id in reasons:
+                closed = sum(1 for allow in allowed.values() if owners[job_id] not in allow)
+                if closed:
+                    reasons[job_id] += (f" ({closed} offer{'s' if closed > 1 else ''} take only "
+                                        "the jobs of submitters they allow)")
         if held_back:
             # The user should learn that nodes exist but are held back, and why.
             node, why = min(held_back.items())
@@ -345,14 +398,17 @@ class JobBook:
             m["outcome"] = outcome
             self.txn.put(schema.JOBS, rid, m)
 
-    def _job_for_allocation(self, job_id: bytes, record: dict) -> Job:
-        """The job as allocation sees it; a replica avoids the nodes its others already took."""
+    def _job_for_allocation(self, job_id: bytes, record: dict,
+                            allowed: dict[bytes, set[bytes]]) -> Job:
+        """The job as allocation sees it: it avoids the nodes that do not take its owner's
+        jobs, and a replica the nodes its others already took."""
         job = _job_from(job_id, record["spec"])
+        closed = frozenset(n for n, allow in allowed.items() if record["owner"] not in allow)
         if record.get("replicas", 1) == 1:
-            return job
+            return replace(job, avoid=closed) if closed else job
         taken = frozenset(m["node"] for rid, m in self._group(record["group"])
                           if rid != job_id and m["node"] is not None)
-        return replace(job, group=record["group"], avoid=taken)
+        return replace(job, group=record["group"], avoid=taken | closed)
 
     def _gpu_model(self, node: bytes, spec: list) -> str | None:
         """The GPU model a job placed on `node` takes (the rule `allocate` applies)."""

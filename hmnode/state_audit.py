@@ -41,8 +41,9 @@ def allocation_problem(txn: Any) -> str | None:
 
 
 def placement_problem(txn: Any, height: int) -> str | None:
-    """Why a job allocated at `height` went to a node that may not have it (unregistered, or
-    suspended in the state that allocated it), or None. Read right after block `height`."""
+    """Why a job allocated at `height` went to a node that may not have it (unregistered,
+    suspended or paused in the state that allocated it, or not taking its owner's jobs), or
+    None. Read right after block `height`."""
     registry = NodeRegistry(txn)
     for key, job_id in txn.items(schema.JOB_INDEX):
         record = txn.get(schema.JOBS, job_id)
@@ -53,6 +54,13 @@ def placement_problem(txn: Any, height: int) -> str | None:
             return (f"job {job_id.hex()[:12]} was allocated at height {height} to node "
                     f"{record['node'].hex()[:12]}, which is "
                     f"{'unregistered' if standing is None else 'suspended'}")
+        held = txn.get(schema.OFFERS, record["node"])
+        if "paused" in held:
+            return (f"job {job_id.hex()[:12]} was allocated at height {height} to node "
+                    f"{record['node'].hex()[:12]}, whose offer is paused")
+        if "allow" in held and record["owner"] not in held["allow"]:
+            return (f"job {job_id.hex()[:12]} was allocated at height {height} to node "
+                    f"{record['node'].hex()[:12]}, which does not take its owner's jobs")
     return None
 
 

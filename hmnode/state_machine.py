@@ -18,10 +18,12 @@ Transactions (kind: body):
 - `space.answer`: {"proof": an encoded SpaceProof for the current beacon}
 - `offer.commit`: what the sender's node shares and at what price (see `hmnode.jobs`), with
   "proofs": an encoded ProofBundle of space (the current beacon) and stake; only from a
-  registered node; `offer.withdraw`: {}
+  registered node; it may say it is "paused" (with why: nothing is placed on it meanwhile)
+  and "allow" only some submitters' jobs; `offer.withdraw`: {}
 - `job.submit`: a job spec; its maximum price is held in escrow; `job.cancel`: {"job_id"}
 - `job.receipt`: {"job_id", "result_hash", "exit_code", "wall_ms", "cpu_ms", "fuel",
-  "peak_memory_mib"} from the node the job was allocated to: it is paid, the rest refunded
+  "peak_memory_mib"} from the node the job was allocated to: it is paid, the rest refunded;
+  `job.release`: {"job_id", "reason"} from that node: the job waits in the queue again
 - `kv.put` / `kv.delete`: as in `hmnode.consensus.kvapp`
 
 At the end of every block, matured unbondings are paid, a new beacon period starts where one
@@ -42,7 +44,7 @@ from hmnode.consensus.messages import (ID_BYTES, Equivocation, MessageRejected, 
 from hmnode.env import Txn
 from hmnode.identity import NodeId
 from hmnode.consensus.vdf import VDF_PARAMS
-from hmnode.jobs import JobBook, parse_offer
+from hmnode.jobs import JobBook, parse_offer, parse_offer_terms
 from hmnode.ledger import Ledger, LedgerParams, LedgerRefused, MAX_AMOUNT
 from hmnode.registry import NodeRegistry, RegistryRules
 
@@ -51,7 +53,7 @@ JAILED_KEY = "jailed"
 KV_KINDS = ("kv.put", "kv.delete")
 KINDS = ("ledger.transfer", "ledger.faucet", "stake.bond", "stake.unbond", "stake.slash",
          "node.register", "beacon.publish", "space.answer", "offer.commit", "offer.withdraw",
-         "job.submit", "job.cancel", "job.receipt") + KV_KINDS
+         "job.submit", "job.cancel", "job.receipt", "job.release") + KV_KINDS
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ class MeshStateMachine:
             elif tx.kind == "offer.commit":
                 # Capacity first: a malformed offer is refused before any proof is checked.
                 parse_offer(tx.sender, body, height)
+                parse_offer_terms(body)
                 NodeRegistry(txn, params.registry()).check_offer(
                     tx.sender, body, ledger, height, params.offer_min_stake)
                 JobBook(txn, ledger).commit_offer(tx.sender, body, height)
@@ -190,6 +193,8 @@ class MeshStateMachine:
                 JobBook(txn, ledger).submit(tx.sender, tx.tx_id, body, height)
             elif tx.kind == "job.receipt":
                 JobBook(txn, ledger).receipt(tx.sender, body, height)
+            elif tx.kind == "job.release":
+                JobBook(txn, ledger).release(tx.sender, body, height)
             else:
                 JobBook(txn, ledger).cancel(tx.sender, body.get("job_id"), height)
         except LedgerRefused as exc:

@@ -45,6 +45,9 @@ junk = st.dictionaries(st.sampled_from(["cores", "memory_mib", "runtime", "amoun
                                         "proof", "proofs", "work", "plot", "price", "to"]),
                        st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.binary(max_size=40)
                        | st.text(max_size=5) | st.lists(st.integers(-9, 9), max_size=3), max_size=6)
+offer_terms = {"paused": st.sampled_from(["on battery", "outside its time window"]),
+               "allow": st.lists(st.sampled_from([k.node_id.key for k in USERS]), min_size=1,
+                                 max_size=2)}
 offer_specs = st.fixed_dictionaries({
     "cores": st.integers(min_value=0, max_value=16),
     "memory_mib": st.sampled_from([1024, 16_384, 65_536]),
@@ -53,7 +56,7 @@ offer_specs = st.fixed_dictionaries({
     "expires_height": st.integers(min_value=1, max_value=60),
     "price": st.fixed_dictionaries({k: st.integers(min_value=0, max_value=4) for k in
                                     ("core_hour", "gib_hour", "gpu_hour", "start_fee")}),
-})
+}, optional=offer_terms)
 
 
 class MeshMachine(RuleBasedStateMachine):
@@ -123,7 +126,8 @@ class MeshMachine(RuleBasedStateMachine):
             self.jobs.append(tx.tx_id)
 
     @rule(key=st.sampled_from(USERS), kind=st.sampled_from(
-        ["job.submit", "job.cancel", "job.receipt", "offer.commit", "node.register",
+        ["job.submit", "job.cancel", "job.receipt", "job.release", "offer.commit",
+         "node.register",
          "space.answer", "beacon.publish", "ledger.transfer", "stake.bond", "stake.slash"]),
         body=junk)
     def malformed(self, key: Any, kind: str, body: dict) -> None:
@@ -133,8 +137,8 @@ class MeshMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.jobs)
     @rule(key=st.sampled_from(USERS), pick=st.integers(0, 1000), wall_ms=st.integers(0, 10**8),
-          cancel=st.booleans())
-    def finish(self, key: Any, pick: int, wall_ms: int, cancel: bool) -> None:
+          act=st.sampled_from(["receipt", "receipt", "cancel", "release"]))
+    def finish(self, key: Any, pick: int, wall_ms: int, act: str) -> None:
         job_id = self.jobs[pick % len(self.jobs)]
         record = self.h.store.read(lambda t: t.get(schema.JOBS, job_id))
         if record.get("replicas", 1) > 1 and pick % 3 == 0:  # now and then another replica
@@ -142,8 +146,12 @@ class MeshMachine(RuleBasedStateMachine):
         node = self.h.store.read(lambda t: t.get(schema.JOBS, job_id))["node"]
         if node is not None and pick % 2:  # usually from the node that runs it
             key = next(k for k in USERS if k.node_id.key == node)
-        if cancel:
+        if act == "cancel":
             self._block(self.h.tx(key, "job.cancel", {"job_id": job_id}))
+            return
+        if act == "release":  # its node gives it back: it waits again
+            self._block(self.h.tx(key, "job.release", {"job_id": job_id,
+                                                       "reason": "paused: on battery"}))
             return
         self._block(self.h.tx(key, "job.receipt", {
             "job_id": job_id, "result_hash": b"\x07" * 32, "exit_code": 0, "wall_ms": wall_ms,
@@ -208,9 +216,43 @@ def test_random_runs_reach_the_interesting_states() -> None:
                                                   "gpu_hour": 0, "start_fee": 1}}, stake=5)
     m.submit(ALICE, {"cores": 2, "memory_mib": 512, "runtime": "wasm", "duration_s": 60,
                      "max_price": 10, "gpu_count": 0, "deadline_height": 20})
-    m.finish(BOB, 0, wall_ms=30_000, cancel=False)
+    m.finish(BOB, 0, wall_ms=30_000, act="receipt")
     record = m.h.store.read(lambda t: t.get(schema.JOBS, m.jobs[0]))
     assert record["state"] == "settled" and m.outcomes["ok"] >= 4
+    m.credits_are_conserved()
+    m.allocations_fit_and_go_to_live_nodes()
+    m.the_mirror_agrees()
+    m.teardown()
+
+
+def test_a_paused_offer_takes_nothing_and_a_released_job_waits_again() -> None:
+    m = MeshMachine()
+    m.offerers_join()
+    offer = {"cores": 8, "memory_mib": 16_384, "runtimes": ["wasm"], "gpus": [],
+             "expires_height": 50, "price": {"core_hour": 1, "gib_hour": 0, "gpu_hour": 0,
+                                             "start_fee": 1}}
+    job = {"cores": 2, "memory_mib": 512, "runtime": "wasm", "duration_s": 60, "max_price": 10,
+           "gpu_count": 0, "deadline_height": 40}
+
+    def record(i: int) -> dict:
+        return m.h.store.read(lambda t: t.get(schema.JOBS, m.jobs[i]))
+    m.offer(BOB, dict(offer, paused="on battery"), stake=5)
+    m.submit(ALICE, job)
+    assert record(0)["state"] == "queued"
+    assert "held back: node" in record(0)["reason"] and "paused sharing: on battery" in \
+        record(0)["reason"]
+    m.offer(BOB, offer, stake=5)  # resumed: the job is placed at the end of that block
+    assert record(0)["state"] == "allocated"
+    # Given back (paused past its grace): queued again in its old place, then placed again.
+    m.finish(BOB, 0, wall_ms=0, act="release")
+    assert [s for s, _ in record(0)["history"]] == ["queued", "allocated", "released",
+                                                      "allocated"]
+    assert record(0)["released"].endswith("paused: on battery")
+    # An offer for one submitter only: another's job waits, and says why.
+    m.offer(BOB, dict(offer, allow=[OTHER.node_id.key]), stake=5)
+    m.submit(ALICE, job)
+    assert record(1)["state"] == "queued"
+    assert "take only the jobs of submitters they allow" in record(1)["reason"]
     m.credits_are_conserved()
     m.allocations_fit_and_go_to_live_nodes()
     m.the_mirror_agrees()
