@@ -30,7 +30,8 @@ from hmnode.env import Env, RealClock
 from hmnode.errors import HmnodeError
 from hmnode.identity import NodeId, NodeKey
 from hmnode.consensus.kvapp import KeyValueApp
-from hmnode.ledger import Ledger
+from hmnode.jobs import offer_differs
+from hmnode.ledger import Ledger, LedgerRefused
 from hmnode.mesh import Mesh
 from hmnode.proof_keeper import OfferNotReady, ProofKeeper, ProofTask
 from hmnode.state_machine import MeshStateMachine
@@ -158,7 +159,8 @@ class ChainService:
 
     def _offer_task(self, keeper: ProofKeeper, now: float) -> ProofTask | None:
         """The next step towards keeping this node's offer on the chain: registering, offering,
-        or renewing an offer that has used half its life."""
+        renewing an offer that has used half its life, or committing it again when what it
+        should say changed (the contributor's share, a pause, its prices)."""
         if self.offer_source is None or self.node is None:
             return None
         height = self.node.head.height
@@ -167,7 +169,14 @@ class ChainService:
             return None
         standing = keeper.standing()
         if standing.offering and standing.offer_expires - height > OFFER_RENEW_BLOCKS:
-            return None
+            me = self.key.node_id.key
+            held = self.store.read(lambda txn: txn.get(schema.OFFERS, me))
+            try:
+                if not offer_differs(held, me, body, height):
+                    return None
+            except LedgerRefused as exc:
+                log.warning("this node's offer is not valid: %s", exc)
+                return None
         return keeper.keep_offer(body, now, renew=standing.offering, standing=standing)
 
     def head_height(self) -> int:

@@ -19,6 +19,7 @@ import tomli_w
 
 from hmnode.errors import ConfigError
 from hmnode.identity import NodeId
+from hmnode.share_policy import TimeWindow
 
 DEFAULT_PORT = 4819
 ENV_DATA_DIR = "HMNODE_DATA_DIR"
@@ -75,6 +76,104 @@ class PeerAddress:
         if addr.port == 0:
             raise ValueError(f"a peer's port cannot be 0: {text!r}")
         return cls(addr, node_id)
+
+
+@dataclass(frozen=True)
+class Amount:
+    """How much of something the node shares or keeps: a share of it ("50%") or a quantity
+    (a count of cores, or bytes: "8 GiB", "512 MiB")."""
+
+    value: float
+    percent: bool
+    text: str
+
+    def of(self, total: int) -> int:
+        """The amount, out of `total`."""
+        return int(total * self.value / 100) if self.percent else int(self.value)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40,
+          "tb": 10**12, "tib": 1 << 40}
+
+
+def _amount(unit: str) -> Callable[[Any], Amount]:
+    """A percent, or a count ("cores") or a size in bytes ("bytes") with an optional unit."""
+    def parse(value: Any) -> Amount:
+        text = str(value).strip() if isinstance(value, int | float | str) and \
+            not isinstance(value, bool) else ""
+        number, _, suffix = text.lower().replace(" ", "").partition("%")
+        try:
+            if text.endswith("%") and not suffix:
+                percent = float(number)
+                if not 0 <= percent <= 100:
+                    raise ValueError
+                return Amount(percent, True, text)
+            digits = number.rstrip("abcdefghijklmnopqrstuvwxyz")
+            scale = _UNITS[number[len(digits):]] if unit == "bytes" else (
+                1 if number == digits else None)
+            if scale is None or float(digits) < 0:
+                raise ValueError
+            return Amount(float(digits) * scale, False, text)
+        except (ValueError, KeyError):
+            example = "'4' or '50%'" if unit == "cores" else "'8 GiB', '512 MiB' or '50%'"
+            raise ValueError(f"expected {example}, got {value!r}") from None
+    return parse
+
+
+def _windows(value: Any) -> tuple[TimeWindow, ...]:
+    # The environment gives one ';'-separated string; TOML and flags give a list.
+    items = [v for v in value.split(";") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError("expected a list of windows such as 'Mon-Fri 18:00-08:00'")
+    return tuple(TimeWindow.parse(item) for item in items)
+
+
+def _gpus(value: Any) -> str | tuple[int, ...]:
+    """"all", "none", or the indices of the GPUs to share (as `hmnode assets` lists them)."""
+    if isinstance(value, str) and value.strip().lower() in ("all", "none"):
+        return value.strip().lower()
+    items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError(f"expected 'all', 'none' or a list of GPU indices, got {value!r}")
+    return tuple(sorted({_count(0, 63)(item.strip() if isinstance(item, str) else item)
+                         for item in items}))
+
+
+def _allow(value: Any) -> str | tuple[NodeId, ...]:
+    """Whose jobs the node takes: "everyone", "owner" (only this node's own) or node ids."""
+    if isinstance(value, str) and value.strip().lower() in ("everyone", "owner"):
+        return value.strip().lower()
+    items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError(f"expected 'everyone', 'owner' or a list of node ids, got {value!r}")
+    return tuple(NodeId.parse(item.strip()) for item in items)
+
+
+def _number(low: float, high: float) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        try:
+            number = float(value) if isinstance(value, str | int | float) and \
+                not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise ValueError(f"expected a number from {low:g} to {high:g}, got {value!r}")
+        return number
+    return parse
+
+
+def _gpu_prices(value: Any) -> tuple[tuple[str, int], ...]:
+    """Per-model GPU-hour prices: a TOML table {model = price}, or "MODEL=PRICE,..."."""
+    if isinstance(value, str):
+        pairs = [p.partition("=")[::2] for p in value.split(",") if p.strip()]
+        value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, dict):
+        raise ValueError("expected a table of GPU model = credits per GPU-hour")
+    return tuple(sorted((str(k), _count(0, 1 << 40)(v)) for k, v in value.items()))
 
 
 # --- value parsers: each takes a TOML value or an environment/flag string -------------------
@@ -134,6 +233,12 @@ def _flag(value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
         return value.strip().lower() in ("true", "1", "yes", "on")
     raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _optional_hostport(value: Any) -> HostPort | None:
+    if value is None or value == "" or (isinstance(value, str) and value.lower() == "off"):
+        return None
+    return HostPort.parse(value)
 
 
 def _optional_path(value: Any) -> Path | None:
@@ -201,6 +306,99 @@ class Config:
         "share.enabled", True, _flag, "HMNODE_SHARE_ENABLED",
         "offer this machine's cores and half its memory to the mesh, for the wasm runtime",
     )
+    share_cores: Amount = _setting(
+        "share.cores", Amount(100, True, "100%"), _amount("cores"), "HMNODE_SHARE_CORES",
+        "cores to share: a count ('4') or a share of the machine's ('50%')",
+    )
+    share_memory: Amount = _setting(
+        "share.memory", Amount(50, True, "50%"), _amount("bytes"), "HMNODE_SHARE_MEMORY",
+        "memory to share: '8 GiB', '512 MiB' or a share of the machine's ('50%')",
+    )
+    share_storage: Amount = _setting(
+        "share.storage", Amount(1 << 30, False, "1 GiB"), _amount("bytes"),
+        "HMNODE_SHARE_STORAGE",
+        "disk for other nodes' blobs (programs, inputs) kept after their jobs: a size or a "
+        "share of the disk",
+    )
+    share_gpus: Any = _setting(
+        "share.gpus", "all", _gpus, "HMNODE_SHARE_GPUS",
+        "GPUs to share with process jobs: 'all', 'none' or their indices ([0, 2])",
+    )
+    share_windows: tuple[TimeWindow, ...] = _setting(
+        "share.windows", (), _windows, "HMNODE_SHARE_WINDOWS",
+        "when to share, such as ['Mon-Fri 18:00-08:00', 'Sat,Sun'] (empty: at any time)",
+    )
+    share_idle_only: bool = _setting(
+        "share.idle_only", False, _flag, "HMNODE_SHARE_IDLE_ONLY",
+        "share only when no one uses the machine (no input, no other CPU load) for a while",
+    )
+    share_idle_minutes: float = _setting(
+        "share.idle_minutes", 3.0, _number(0, 1440), "HMNODE_SHARE_IDLE_MINUTES",
+        "minutes without input and other CPU load before an idle-only node shares",
+    )
+    share_idle_cpu_percent: float = _setting(
+        "share.idle_cpu_percent", 25.0, _number(0, 100), "HMNODE_SHARE_IDLE_CPU_PERCENT",
+        "CPU load of other programs (percent of all cores) above which the machine is in use",
+    )
+    share_pause_on_battery: bool = _setting(
+        "share.pause_on_battery", True, _flag, "HMNODE_SHARE_PAUSE_ON_BATTERY",
+        "pause sharing while the machine runs on battery",
+    )
+    share_max_cpu_temp_c: float = _setting(
+        "share.max_cpu_temp_c", 90.0, _number(0, 150), "HMNODE_SHARE_MAX_CPU_TEMP_C",
+        "pause above this CPU temperature, resume 5 degrees below it (0: no limit)",
+    )
+    share_max_gpu_temp_c: float = _setting(
+        "share.max_gpu_temp_c", 85.0, _number(0, 150), "HMNODE_SHARE_MAX_GPU_TEMP_C",
+        "pause above this GPU temperature, resume 5 degrees below it (0: no limit)",
+    )
+    share_keep_free_disk: Amount = _setting(
+        "share.keep_free_disk", Amount(1 << 30, False, "1 GiB"), _amount("bytes"),
+        "HMNODE_SHARE_KEEP_FREE_DISK",
+        "pause when the data dir's disk has less free than this (a size or a share of it)",
+    )
+    share_allow: Any = _setting(
+        "share.allow", "everyone", _allow, "HMNODE_SHARE_ALLOW",
+        "whose jobs to run: 'everyone', 'owner' (this node's own) or a list of node ids",
+    )
+    share_grace_s: float = _setting(
+        "share.grace_s", 300.0, _seconds(0, 86400), "HMNODE_SHARE_GRACE_S",
+        "seconds a paused node keeps its jobs suspended before giving them back to the mesh",
+    )
+    price_core_hour: int = _setting(
+        "price.core_hour", 10, _count(0, 1 << 40), "HMNODE_PRICE_CORE_HOUR",
+        "credits per core-hour",
+    )
+    price_gib_hour: int = _setting(
+        "price.gib_hour", 1, _count(0, 1 << 40), "HMNODE_PRICE_GIB_HOUR",
+        "credits per GiB-hour of memory",
+    )
+    price_gpu_hour: int = _setting(
+        "price.gpu_hour", 100, _count(0, 1 << 40), "HMNODE_PRICE_GPU_HOUR",
+        "credits per GPU-hour (for models not in price.gpu_models)",
+    )
+    price_gpu_models: tuple[tuple[str, int], ...] = _setting(
+        "price.gpu_models", (), _gpu_prices, "HMNODE_PRICE_GPU_MODELS",
+        "credits per GPU-hour by model, such as {\"NVIDIA A100-SXM4-80GB\" = 300}",
+    )
+    price_start_fee: int = _setting(
+        "price.start_fee", 1, _count(0, 1 << 40), "HMNODE_PRICE_START_FEE",
+        "credits per job, on top of its resources",
+    )
+    price_dynamic: float = _setting(
+        "price.dynamic", 0.0, _number(0, 1), "HMNODE_PRICE_DYNAMIC",
+        "how far prices follow this node's load: from (1 - d) times the prices when idle to "
+        "(1 + d) times when full (0: fixed prices)",
+    )
+    price_floor: float = _setting(
+        "price.floor", 0.0, _number(0, 1), "HMNODE_PRICE_FLOOR",
+        "the lowest share of the set prices the dynamic factor may go down to",
+    )
+    metrics_listen: HostPort | None = _setting(
+        "metrics.listen", HostPort("127.0.0.1", 9464), _optional_hostport,
+        "HMNODE_METRICS_LISTEN",
+        "where Prometheus scrapes /metrics (HOST:PORT; empty: no metrics endpoint)",
+    )
     share_process: bool = _setting(
         "share.process", False, _flag, "HMNODE_SHARE_PROCESS",
         "also run `process` jobs (native commands, in a sandbox of namespaces and rlimits)",
@@ -230,10 +428,14 @@ class Config:
             value = getattr(self, f.name)
             if value is None:
                 continue  # TOML has no null: an unset optional key is left out
-            if isinstance(value, (HostPort, Path)):
+            if isinstance(value, (HostPort, Path, Amount)):
                 value = str(value)
+            elif f.name == "price_gpu_models":
+                value = dict(value)
             elif isinstance(value, tuple):
-                value = [str(item) for item in value]
+                value = [item if isinstance(item, int) else
+                         item.text if isinstance(item, TimeWindow) else str(item)
+                         for item in value]
             doc.setdefault(section, {})[key] = value
         return doc
 

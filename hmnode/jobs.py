@@ -99,6 +99,17 @@ def parse_offer_terms(body: dict) -> dict[str, Any]:
     return terms
 
 
+def offer_differs(held: dict | None, node: bytes, body: dict, height: int) -> bool:
+    """Whether `body` would change the committed offer `held` (the OFFERS record) in more
+    than its expiry: what is shared, at what price, paused or not, and for whom."""
+    if held is None:
+        return True
+    wire = _offer_wire(parse_offer(node, body, height))
+    terms = parse_offer_terms(body)
+    same = wire[:4] + wire[5:] == held["offer"][:4] + held["offer"][5:]
+    return not same or terms != {k: held[k] for k in ("paused", "allow") if k in held}
+
+
 def _reason(value: Any, name: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_REASON:
         raise LedgerRefused(f"{name} is a reason of 1..{MAX_REASON} characters")

@@ -31,6 +31,7 @@ import os
 import resource
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from pathlib import Path
 
 from hmnode.cgroups import CgroupLimits, JobCgroup, cgroup_version
 from hmnode.errors import HmnodeError
+from hmnode.pause_clock import PauseClock
 from hmnode.run_result import RunResult
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ MAX_PROCESSES = 64
 MAX_OPEN_FILES = 256
 MAX_FILE_BYTES = 1 << 30
 KILL_GRACE_S = 1.0
+WAKE_S = 1.0  # how often a waiting run looks at its (pausable) deadline
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
 _MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
 
@@ -144,10 +147,38 @@ class ProcessRuntime:
         self.allow_unsandboxed = allow_unsandboxed
         self.unavailable = sandbox_unavailable()
         self.cgroups, self.cgroup_note = cgroup_version()
+        self.clock = PauseClock()  # stands still while runs are suspended
+        self._running: dict[str, subprocess.Popen] = {}  # by the token a run was given
+        self._lock = threading.Lock()
+
+    def suspend(self) -> None:
+        """Stop every run's process group where it is (SIGSTOP), and their time limits."""
+        self.clock.pause()
+        self._signal_all(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let suspended runs go on."""
+        self._signal_all(signal.SIGCONT)
+        self.clock.resume()
+
+    def kill(self, token: str) -> bool:
+        """End the run named `token` now (it ends "killed by SIGKILL"); whether it ran."""
+        with self._lock:
+            proc = self._running.get(token)
+        if proc is not None:
+            _signal_group(proc, signal.SIGKILL)
+        return proc is not None
+
+    def _signal_all(self, sig: int) -> None:
+        with self._lock:
+            for proc in self._running.values():
+                _signal_group(proc, sig)
 
     def run(self, argv: list[str], stdin: bytes, scratch: Path, work: Path,
-            limits: ProcessLimits) -> RunResult:
-        """Run `argv` with `scratch` as its only writable directory; blocks until it ends."""
+            limits: ProcessLimits, token: str | None = None) -> RunResult:
+        """Run `argv` with `scratch` as its only writable directory; blocks until it ends.
+        `token` names the run for `kill`."""
+        token = token or f"run-{id(work)}-{time.monotonic_ns()}"
         if self.unavailable is not None and not self.allow_unsandboxed:
             raise SandboxUnavailable(f"{self.unavailable}; this node refuses process jobs "
                                      "(its contributor may allow unsandboxed ones)")
@@ -162,13 +193,14 @@ class ProcessRuntime:
                "CUDA_VISIBLE_DEVICES": ",".join(limits.gpus)}
         cgroup = self._cgroup(limits)
         try:
-            return self._run(argv, stdin, scratch, work, limits, env, cgroup)
+            return self._run(argv, stdin, scratch, work, limits, env, cgroup, token)
         finally:
             if cgroup is not None:
                 cgroup.remove()  # kills what is left in it, also what left the session
 
     def _run(self, argv: list[str], stdin: bytes, scratch: Path, work: Path,
-             limits: ProcessLimits, env: dict[str, str], cgroup: JobCgroup | None) -> RunResult:
+             limits: ProcessLimits, env: dict[str, str], cgroup: JobCgroup | None,
+             token: str) -> RunResult:
         out_path, err_path = work / "stdout", work / "stderr"
         preexec = (_isolate_fn(scratch, limits, cgroup=cgroup) if self.unavailable is None
                    else _limits_only(scratch, limits, cgroup))
@@ -180,12 +212,26 @@ class ProcessRuntime:
                                         close_fds=True)
             except (OSError, subprocess.SubprocessError) as exc:
                 return RunResult(127, f"could not start: {exc}", b"", b"")
+            with self._lock:
+                self._running[token] = proc
+                if self.clock.paused:  # suspended meanwhile: so is this one
+                    _signal_group(proc, signal.SIGSTOP)
             reason = "exited"
+            deadline = self.clock.now() + limits.time_s
             try:
-                proc.communicate(stdin, timeout=limits.time_s)
-            except subprocess.TimeoutExpired:
-                reason = f"time limit: it ran past {limits.time_s:g} s"
+                while True:
+                    left = deadline - self.clock.now()
+                    if left <= 0:
+                        reason = f"time limit: it ran past {limits.time_s:g} s"
+                        break
+                    try:
+                        proc.communicate(stdin, timeout=min(left, WAKE_S))
+                        break
+                    except subprocess.TimeoutExpired:
+                        stdin = None  # given already; communicate goes on where it was
             finally:
+                with self._lock:
+                    self._running.pop(token, None)
                 _kill_group(proc)
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         # Without a group, the largest resident set of any child this node has waited for:
@@ -251,12 +297,16 @@ def _address_space(limits: ProcessLimits | None, cgroup: JobCgroup | None) -> in
     return memory if cgroup is None else max(4 * memory, memory + (1 << 30))
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the run's whole process group (what it left running in the background too)."""
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the run's whole process group (what it left running in the background too)."""
+    _signal_group(proc, signal.SIGKILL)
     try:
         proc.wait(timeout=KILL_GRACE_S)
     except subprocess.TimeoutExpired:

@@ -38,13 +38,15 @@ import msgpack
 import wasmtime
 
 from hmnode.errors import HmnodeError
+from hmnode.pause_clock import PauseClock
 from hmnode.run_result import RunResult
 
 PAGE_BYTES = 64 << 10
 DEFAULT_OUTPUT_BYTES = 16 << 20
 WORKER_START_S = 30.0  # a worker that is not ready by then is broken, not slow
 SPARE_DELAY_S = 1.0  # the next spare starts when a run ends, or this long after it started
-KILL_GRACE_S = 1.0  # past its time limit, how long a worker may take to end by itself
+KILL_GRACE_S = 1.0
+WAKE_S = 1.0  # how often a waiting run looks at its (pausable) deadline  # past its time limit, how long a worker may take to end by itself
 
 
 class WasmRejected(HmnodeError):
@@ -85,7 +87,8 @@ class WasmRuntime:
         self._spares: queue.Queue[_Worker] = queue.Queue(maxsize=1)
         self._taken = threading.Event()
         self._run_ended = threading.Event()
-        self._running: set[_Worker] = set()
+        self._running: dict[str, _Worker] = {}  # by the token a run was given
+        self.clock = PauseClock()  # stands still while runs are suspended
         self._ending: list[_Worker] = []  # answered, not yet reaped
         self._spawner: threading.Thread | None = None
 
@@ -96,7 +99,7 @@ class WasmRuntime:
         if self._spawner is not None:
             self._spawner.join(timeout=WORKER_START_S)
         with self._lock:
-            doomed = list(self._running) + self._ending
+            doomed = list(self._running.values()) + self._ending
         while not self._spares.empty():
             doomed.append(self._spares.get_nowait())
         for worker in doomed:
@@ -140,25 +143,27 @@ class WasmRuntime:
     # --- runs -----------------------------------------------------------------------------------
 
     def run(self, wasm: bytes, args: list[str], stdin: bytes, scratch: Path, work: Path,
-            limits: WasmLimits) -> RunResult:
+            limits: WasmLimits, token: str | None = None) -> RunResult:
         """Run `wasm`'s `_start` with `args`, `stdin`, and `scratch` as its only directory;
-        `work` (outside `scratch`) holds its stdin and captured output. Blocks until it ends."""
+        `work` (outside `scratch`) holds its stdin and captured output. Blocks until it ends.
+        `token` names the run for `kill`."""
+        token = token or f"run-{id(work)}-{time.monotonic_ns()}"
         compiled, _ = self.module(wasm, metered=limits.fuel is not None)
         started = time.perf_counter()
         work.mkdir(parents=True, exist_ok=True)
         scratch.mkdir(parents=True, exist_ok=True)
         (work / "stdin").write_bytes(stdin)
-        worker = self._take_worker()
+        worker = self._take_worker(token)
         try:
             request = {"module": str(compiled), "args": args, "stdin": str(work / "stdin"),
                        "scratch": str(scratch), "stdout": str(work / "stdout"),
                        "stderr": str(work / "stderr"), "memory_mib": limits.memory_mib,
                        "fuel": limits.fuel, "output_bytes": limits.output_bytes,
                        "time_s": limits.time_s}
-            reply, cpu_ms = worker.serve(request, limits.time_s)
+            reply, cpu_ms = worker.serve(request, limits.time_s, self.clock)
         finally:
             with self._lock:
-                self._running.discard(worker)
+                self._running.pop(token, None)
                 self._ending = [w for w in self._ending if not w.reap()] + [worker]
             self._run_ended.set()
         wall_ms = round((time.perf_counter() - started) * 1000)
@@ -203,7 +208,29 @@ class WasmRuntime:
                                                  daemon=True)
                 self._spawner.start()
 
-    def _take_worker(self) -> _Worker:
+    def suspend(self) -> None:
+        """Stop every run where it is (SIGSTOP) and the clock of their time limits."""
+        self.clock.pause()
+        with self._lock:
+            for worker in self._running.values():
+                worker.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let suspended runs go on."""
+        with self._lock:
+            for worker in self._running.values():
+                worker.signal(signal.SIGCONT)
+        self.clock.resume()
+
+    def kill(self, token: str) -> bool:
+        """End the run named `token` now (it fails with WasmWorkerFailed); whether it ran."""
+        with self._lock:
+            worker = self._running.get(token)
+        if worker is not None:
+            worker.kill()
+        return worker is not None
+
+    def _take_worker(self, token: str) -> _Worker:
         self._start_spawner()
         try:
             worker = self._spares.get(timeout=WORKER_START_S)
@@ -212,7 +239,9 @@ class WasmRuntime:
         self._taken.set()
         worker.wait_ready()
         with self._lock:
-            self._running.add(worker)
+            self._running[token] = worker
+            if self.clock.paused:  # suspended meanwhile: so is this one
+                worker.signal(signal.SIGSTOP)
         return worker
 
     def _keep_spare(self) -> None:
@@ -268,20 +297,27 @@ class _Worker:
             raise WasmWorkerFailed("the wasm worker did not start; is wasmtime installed?")
         self.ready_cpu_s = float(ready.split()[1])
 
-    def serve(self, request: dict[str, Any], time_s: float) -> tuple[dict | None, int]:
-        """Hand the worker its run and wait for its reply, killing it at the time limit;
-        the reply (None if it gave none) and the run's CPU milliseconds."""
+    def serve(self, request: dict[str, Any], time_s: float,
+              clock: PauseClock) -> tuple[dict | None, int]:
+        """Hand the worker its run and wait for its reply, killing it at the time limit (on
+        `clock`, which stands still while the run is suspended); the reply (None if it gave
+        none) and the run's CPU milliseconds."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
             self.proc.stdin.write(msgpack.packb(request, use_bin_type=True))
             self.proc.stdin.close()
         except OSError:
             pass  # it died: its status says how
-        if select.select([self.proc.stdout], [], [], time_s)[0]:
-            reply = _read_reply(self.proc.stdout)
-        else:
-            self.timed_out, reply = True, None
-            self.kill()
+        deadline = clock.now() + time_s
+        while True:
+            left = deadline - clock.now()
+            if left <= 0:
+                self.timed_out, reply = True, None
+                self.kill()
+                break
+            if select.select([self.proc.stdout], [], [], min(left, WAKE_S))[0]:
+                reply = _read_reply(self.proc.stdout)
+                break
         if reply is not None:
             # It has answered and is ending: reaped later (`reap`), so the run's result does
             # not wait for the process to be torn down.
@@ -298,10 +334,14 @@ class _Worker:
         return self.proc.poll() is not None
 
     def kill(self) -> None:
-        try:
-            self.proc.kill()
-        except OSError:
-            pass
+        self.signal(signal.SIGKILL)
+
+    def signal(self, sig: int) -> None:
+        if self.proc.returncode is None:
+            try:
+                self.proc.send_signal(sig)
+            except OSError:
+                pass
 
 
 def _read_reply(stream: IO[bytes]) -> dict | None:

@@ -129,3 +129,35 @@ def test_without_namespaces_jobs_are_refused_unless_allowed(tmp_path: Path) -> N
     assert runtime.run(["true"], b"", tmp_path / "s", tmp_path / "w",
                        ProcessLimits(1.0, 64)).ok
 
+
+
+@needs_python
+def test_a_suspended_run_stops_and_its_time_limit_waits(tmp_path: Path) -> None:
+    import threading
+    import time
+    runtime = ProcessRuntime()
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass\nprint('done')"
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(runtime.run(
+        [PY, "-c", busy], b"", tmp_path / "scratch", tmp_path / "work",
+        ProcessLimits(time_s=2.5, memory_mib=256), token="job-1")))
+    thread.start()
+    time.sleep(0.5)
+    runtime.suspend()
+    time.sleep(2.0)  # past its 2.5 s with the 1.5 s of CPU it still needs, had the clock run
+    runtime.resume()
+    thread.join(timeout=15)
+    (result,) = outcome
+    assert result.ok and result.stdout == b"done\n", result
+    assert result.wall_ms > 3000
+    # And a run can be ended by its token.
+    outcome.clear()
+    thread = threading.Thread(target=lambda: outcome.append(runtime.run(
+        ["sleep", "30"], b"", tmp_path / "scratch", tmp_path / "work",
+        ProcessLimits(time_s=60, memory_mib=64), token="job-2")))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not runtime.kill("job-2") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    thread.join(timeout=10)
+    assert outcome[0].reason == "killed by SIGKILL"

@@ -198,3 +198,41 @@ def test_a_worker_dies_with_the_node_that_started_it(tmp_path: Path) -> None:
         assert not (_workers() - before), "workers outlived the node"
     finally:
         node.kill()
+
+
+def test_a_suspended_run_stops_and_its_time_limit_waits(runtime: WasmRuntime,
+                                                        tmp_path: Path) -> None:
+    assert runtime.warm()
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(run(runtime, tmp_path, LOOP,
+                                                                time_s=1.0)))
+    thread.start()
+    time.sleep(0.4)
+    runtime.suspend()
+    time.sleep(1.5)  # past the time limit, had the clock run
+    assert thread.is_alive()
+    runtime.resume()
+    thread.join(timeout=10)
+    (result,) = outcome
+    assert result.reason == "time limit: it ran past 1 s"
+    # It ran about one second of its 2.5 s: suspended, it used no CPU.
+    assert result.wall_ms >= 2400 and result.cpu_ms <= result.wall_ms - 1000
+
+
+def test_a_run_can_be_killed_by_its_token(runtime: WasmRuntime, tmp_path: Path) -> None:
+    outcome: list = []
+
+    def go() -> None:
+        try:
+            runtime.run(LOOP, [], b"", tmp_path / "s", tmp_path / "w",
+                        WasmLimits(time_s=30.0, memory_mib=16), token="job-1")
+        except WasmWorkerFailed as exc:
+            outcome.append(exc)
+    thread = threading.Thread(target=go)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not runtime.kill("job-1") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    thread.join(timeout=5)
+    assert not thread.is_alive() and "SIGKILL" in str(outcome[0])
+    assert runtime.kill("job-1") is False  # gone
