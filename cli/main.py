@@ -21,6 +21,7 @@ from hmnode.cli.simnet import simnet
 from hmnode.cli.plot import plot
 from hmnode.cli.chain import chain, genesis, kv
 from hmnode.cli.ledger import faucet, jobs, ledger, stake, transfer, unstake
+from hmnode.cli.share import earnings, share
 from hmnode.cli.workloads import cancel, catalog, job_command, result, submit
 
 
@@ -47,7 +48,7 @@ main.add_command(chain)
 main.add_command(kv)
 main.add_command(genesis)
 for _command in (ledger, stake, unstake, transfer, faucet, jobs, submit, job_command, result,
-                 cancel, catalog):
+                 cancel, catalog, share, earnings):
     main.add_command(_command)
 
 
@@ -210,9 +211,21 @@ def status(data_dir: Path | None, as_json: bool) -> None:
                    + (f", last commit {last:.1f} ms)" if last is not None else ")")
                    + (f" HALTED: {chain_info['halted']}" if chain_info.get("halted") else ""))
         click.echo(f"standing   {_standing(chain_info.get('registry'))}")
+        sharing = info.get("share") or {}
+        click.echo("sharing    " + ("yes" if sharing.get("sharing") else
+                                    "NO: " + "; ".join(sharing.get("why_not") or ["-"])))
     else:
         click.echo("chain      starting (fetching its genesis)")
     click.echo(f"data dir   {info['data_dir']}")
+
+
+def _sharing(share: dict[str, Any] | None) -> str:
+    """What an advert says of its node's sharing, for `hmnode assets --mesh`."""
+    if not share:
+        return ""
+    if not share.get("sharing"):
+        return "; not sharing now"
+    return f"; sharing {share.get('cores')} cores, {share.get('memory_mib')} MiB"
 
 
 def _standing(registry: dict[str, Any] | None) -> str:
@@ -295,7 +308,8 @@ def assets(data_dir: Path | None, mesh: bool, as_json: bool) -> None:
             cpu = ad["inventory"].get("cpu", {})
             click.echo(f"{ad['node_id']} seq {ad['seq']}: {cpu.get('logical_cores', '?')} cores, "
                        f"{ad['inventory'].get('memory_bytes', 0) / 2**30:.1f} GiB, "
-                       f"{len(ad['inventory'].get('gpus', []))} GPU, at {', '.join(ad['addresses'])}")
+                       f"{len(ad['inventory'].get('gpus', []))} GPU, at {', '.join(ad['addresses'])}"
+                       + _sharing(ad["inventory"].get("share")))
         click.echo(f"{len(adverts)} adverts")
         return
     try:

@@ -8,14 +8,14 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Callable
 from typing import Any, Mapping, TypeVar
 
 from hmnode import __version__, schema
 from hmnode.chain_node import ChainConfig
 from hmnode.chain_service import ChainService
-from hmnode.config import Config, PeerAddress, write_config
+from hmnode.config import Config, PeerAddress, load_config, write_config
 from hmnode.control import ControlServer, MethodError
 from hmnode.datadir import DataDir
 from hmnode.errors import HmnodeError, IdentityError
@@ -29,7 +29,9 @@ from hmnode.transport.connection import Handlers
 from hmnode.transport.endpoint import ConnectionLimits, Endpoint
 from hmnode.transport.relay import RelayLimits
 from hmnode.transport.traversal import NatTraversal, TraversalConfig
-from hmnode.workloads import WorkloadService, default_offer
+from hmnode.metrics import SNAPSHOT_S, MetricsServer, NodeSnapshot
+from hmnode.sharing import ShareMonitor
+from hmnode.workloads import WorkloadService
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +128,14 @@ class Agent:
                                          self.endpoint, process=config.share_process,
                                          unsandboxed=config.share_unsandboxed,
                                          gpus=lambda: () if self._inventory is None
-                                         else self._inventory.gpu.gpus)
-        if config.share_enabled:
-            self.chain.offer_source = lambda height: default_offer(
-                self._inventory, height, self.workloads.runtimes)
+                                         else self._inventory.gpu.gpus,
+                                         storage_bytes=self._storage_bytes)
+        self.share = ShareMonitor(config, data_dir.path, key.node_id, lambda: self._inventory,
+                                  self.workloads.executor, on_change=self.mesh.addresses_changed,
+                                  offered=self._offered)
+        self.chain.offer_source = lambda height: self.share.offer(height,
+                                                                  self.workloads.runtimes)
+        self.metrics = MetricsServer()
         self.control = ControlServer(data_dir.control_socket, {
             "status": self._status,
             "assets": self._assets,
@@ -147,6 +153,9 @@ class Agent:
             "ledger": self._ledger,
             "jobs": self._jobs,
             "commits": self._commits,
+            "share": self._share,
+            "earnings": self._earnings,
+            "share_reload": self._share_reload,
             **self.workloads.methods(),
         })
 
@@ -172,6 +181,8 @@ class Agent:
                     Subsystem("nat", self.traversal.run),
                     Subsystem("chain", self.chain.run),
                     Subsystem("workloads", self.workloads.run),
+                    Subsystem("share", self.share.run),
+                    Subsystem("metrics", self._serve_metrics),
                 ])
             finally:
                 await self.control.close()
@@ -223,7 +234,69 @@ class Agent:
         # Before the first inventory, ask the interfaces directly (cheap, and needed at start).
         network = self._inventory.network if self._inventory else probe_network()
         local = advertised_addresses(self.endpoint.addresses, network)
-        return self.traversal.advertised(local), shareable(self._inventory)
+        share = self.share.describe(self.workloads.runtimes)
+        # Not the reasons of a pause: they change with every reading of the machine.
+        share.pop("why_not", None)
+        return self.traversal.advertised(local), {**shareable(self._inventory), "share": share}
+
+    async def _serve_metrics(self) -> None:
+        """Serve /metrics where the config says (a port taken only costs the metrics)."""
+        listen = self.config.metrics_listen
+        if listen is None:
+            return
+        try:
+            host, port = self.metrics.start(listen.host, listen.port)
+        except OSError as exc:
+            log.warning("metrics are not served: cannot listen on %s (%s); set metrics.listen",
+                        listen, exc.strerror or exc)
+            return
+        log.info("metrics at http://%s/metrics", format_addr((host, port)),
+                 extra={"event": "metrics_listening", "address": format_addr((host, port))})
+        self.chain.commit_listeners.append(self._commit_observed)
+        try:
+            while True:
+                try:
+                    self.metrics.collector.update(self._snapshot())
+                except HmnodeError:
+                    pass  # the chain is not ready yet: the last snapshot stands
+                await asyncio.sleep(SNAPSHOT_S)
+        finally:
+            self.metrics.stop()
+
+    def _commit_observed(self) -> None:
+        node = self.chain.node
+        if node is not None and node.last_commit_ms is not None:
+            self.metrics.commit_latency.observe(node.last_commit_ms / 1000)
+
+    def _snapshot(self) -> NodeSnapshot:
+        """The figures /metrics shows, read here on the event loop."""
+        chain = self.chain.status()
+        paths: dict[str, int] = {}
+        for conn in self.endpoint.peers.values():
+            path = self.traversal.path_of(conn)["path"]
+            paths[path] = paths.get(path, 0) + 1
+        share = self._share_status(chain)
+        earned = self.chain.earnings() if chain.get("ready") else {"total": 0, "balance": 0}
+        return NodeSnapshot(
+            node_id=str(self.key.node_id), version=__version__, peers=len(self.endpoint.peers),
+            paths=paths, gossip=self.mesh.stats()["broadcast"], height=chain["height"] or 0,
+            validators=len(chain["validators"]), is_validator=chain["is_validator"],
+            mempool=chain.get("mempool", 0),
+            jobs=self.chain.job_counts() if chain.get("ready") else {},
+            executions=self.workloads.executor.states(),
+            sandbox={k: dict(v) for k, v in self.workloads.executor.sandbox_stats.items()},
+            earned=earned["total"], balance=earned["balance"], sharing=share["sharing"],
+            why_not=len(share["why_not"]))
+
+    def _storage_bytes(self) -> int:
+        """Disk for other nodes' unpinned blobs, as the contributor shares it."""
+        total = self._inventory.disk.total_bytes if self._inventory else 0
+        return self.share.config.share_storage.of(total)
+
+    def _offered(self) -> bool:
+        """Whether this node has an offer on the chain."""
+        me = self.key.node_id.key
+        return self.store.read(lambda txn: txn.get(schema.OFFERS, me)) is not None
 
     # --- control methods --------------------------------------------------------------------
 
@@ -282,8 +355,50 @@ class Agent:
             "peers": len(self.endpoint.peers),
             "store_map_bytes": self.store.map_size,
             "nat": self.traversal.status(),
+            "metrics": None if self.metrics.address is None
+            else f"http://{format_addr(self.metrics.address)}/metrics",
+            "share": self._share_status(chain),
             "chain": chain,
         }
+
+    def _share_status(self, chain: dict[str, Any]) -> dict[str, Any]:
+        """Whether this node shares right now and, if it does not or cannot get work, why:
+        the contributor's rules, and what the mesh lacks (peers, a live validator)."""
+        out = self.share.describe(self.workloads.runtimes)
+        why = out["why_not"]
+        validators = chain.get("validators") or []
+        if len(validators) > 1 or self.config.bootstrap:
+            if not self.endpoint.peers:
+                why.append("no peers: nothing reaches this node")
+            age, limit = chain.get("last_commit_age_s"), 3 * self.config.chain_empty_block_s
+            if age is None or age > limit:
+                why.append(f"no validator reachable: no block committed in the last {limit:g} s")
+        out["sharing"] = out["sharing"] and not why
+        return out
+
+    async def _earnings(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        since = params.get("since_ms", 0)
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise MethodError("bad_request", "since_ms is a time in ms since the epoch")
+        return _answer(lambda: self.chain.earnings(since))
+
+    async def _share(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The share and price settings in effect, and whether this node shares now."""
+        return {"settings": {**self.share.config.show("share."),
+                             **self.share.config.show("price.")},
+                "status": self._share_status(self.chain.status())}
+
+    async def _share_reload(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Read config.toml again and apply its [share] and [price] settings now (the process
+        runtime's settings take effect at the next start)."""
+        try:
+            fresh = load_config(self.data_dir.config_file)
+        except HmnodeError as exc:
+            raise MethodError("bad_config", str(exc)) from None
+        changes = {f: getattr(fresh, f) for f in vars(fresh) if f.startswith(("share_", "price_"))}
+        self.config = replace(self.config, **changes)
+        self.share.reload(self.config)
+        return await self._share(params)
 
     async def _chain(self, params: Mapping[str, Any]) -> dict[str, Any]:
         height = params.get("height")

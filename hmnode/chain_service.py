@@ -276,7 +276,9 @@ class ChainService:
         if self.node is None:
             return {"height": None, "ready": False, "validators": [], "is_validator": False,
                     "last_commit_ms": None}
-        out = {"ready": True, **self.node.describe()}
+        out = {"ready": True, **self.node.describe(),
+               "last_commit_age_s": round(time.time() - self._commits[-1][1], 1)
+               if self._commits else None}
         if self.keeper is not None:
             out["registry"] = self.keeper.describe()
         return out
@@ -390,6 +392,43 @@ class ChainService:
                              reverse=True)[:limit]
             return [job_json(job_id, r) for _, job_id, r in records]
         return {"height": node.head.height, "jobs": self.store.read(read)}
+
+    def job_counts(self) -> dict[str, int]:
+        """Jobs on the chain by state."""
+        self._ready()
+
+        def read(tx: Any) -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for _, record in tx.items(schema.JOBS):
+                counts[record["state"]] = counts.get(record["state"], 0) + 1
+            return counts
+        return self.store.read(read)
+
+    def earnings(self, since_ms: int = 0) -> dict[str, Any]:
+        """What this node earned running jobs, from the chain's records: each paid job (when
+        it was paid, by whom, how much) and the total, with its balance beside them."""
+        node = self._ready()
+        me = self.key.node_id.key
+
+        def read(tx: Any) -> tuple[list[tuple[int, bytes, dict]], int]:
+            paid = [(r["receipt"]["height"], job_id, r) for job_id, r in tx.items(schema.JOBS)
+                    if r["node"] == me and (r.get("receipt") or {}).get("paid")]
+            return sorted(paid), Ledger(tx).balance(me)
+        paid, balance = self.store.read(read)
+        times = self.block_times([height for height, _, _ in paid])
+        jobs = []
+        for height, job_id, record in paid:
+            at = times.get(height)
+            if at is None or at < since_ms:
+                continue
+            receipt = record["receipt"]
+            jobs.append({"job_id": job_id.hex(), "owner": str(NodeId(record["owner"])),
+                         "paid": receipt["paid"], "height": height, "at_ms": at,
+                         "runtime": record["spec"][2], "wall_ms": receipt["wall_ms"],
+                         "state": record["state"]})
+        return {"height": node.head.height, "node_id": str(self.key.node_id),
+                "since_ms": since_ms, "jobs": jobs, "total": sum(j["paid"] for j in jobs),
+                "balance": balance}
 
     def kv_get(self, key: str) -> bytes | None:
         self._ready()

@@ -150,7 +150,10 @@ def _allow(value: Any) -> str | tuple[NodeId, ...]:
     items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not items:
         raise ValueError(f"expected 'everyone', 'owner' or a list of node ids, got {value!r}")
-    return tuple(NodeId.parse(item.strip()) for item in items)
+    try:
+        return tuple(NodeId.parse(item.strip()) for item in items)
+    except ValueError as exc:
+        raise ValueError(f"expected 'everyone', 'owner' or a list of node ids ({exc})") from None
 
 
 def _number(low: float, high: float) -> Callable[[Any], float]:
@@ -171,6 +174,8 @@ def _gpu_prices(value: Any) -> tuple[tuple[str, int], ...]:
     if isinstance(value, str):
         pairs = [p.partition("=")[::2] for p in value.split(",") if p.strip()]
         value = {k.strip(): v.strip() for k, v in pairs}
+    if value == []:  # an empty table, as a list without pairs writes it
+        return ()
     if not isinstance(value, dict):
         raise ValueError("expected a table of GPU model = credits per GPU-hour")
     return tuple(sorted((str(k), _count(0, 1 << 40)(v)) for k, v in value.items()))
@@ -425,19 +430,27 @@ class Config:
         doc: dict[str, dict[str, Any]] = {}
         for f in dataclasses.fields(self):
             section, key = f.metadata["key"].split(".")
-            value = getattr(self, f.name)
-            if value is None:
-                continue  # TOML has no null: an unset optional key is left out
-            if isinstance(value, (HostPort, Path, Amount)):
-                value = str(value)
-            elif f.name == "price_gpu_models":
-                value = dict(value)
-            elif isinstance(value, tuple):
-                value = [item if isinstance(item, int) else
-                         item.text if isinstance(item, TimeWindow) else str(item)
-                         for item in value]
-            doc.setdefault(section, {})[key] = value
+            value = _toml_value(getattr(self, f.name))
+            if value is not None:  # TOML has no null: an unset optional key is left out
+                doc.setdefault(section, {})[key] = value
         return doc
+
+    def show(self, prefix: str) -> dict[str, Any]:
+        """The settings whose keys start with `prefix` ("share."), as TOML writes them."""
+        return {f.metadata["key"]: _toml_value(getattr(self, f.name))
+                for f in dataclasses.fields(self) if f.metadata["key"].startswith(prefix)}
+
+
+def _toml_value(value: Any) -> Any:
+    """A setting's value as config.toml holds it."""
+    if isinstance(value, (HostPort, Path, Amount)):
+        return str(value)
+    if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+        return dict(value)  # price.gpu_models
+    if isinstance(value, tuple):
+        return [item if isinstance(item, int) else
+                item.text if isinstance(item, TimeWindow) else str(item) for item in value]
+    return value
 
 
 SETTINGS: dict[str, dataclasses.Field] = {f.metadata["key"]: f for f in dataclasses.fields(Config)}
@@ -513,6 +526,33 @@ def add_bootstrap(path: Path, peer: PeerAddress) -> bool:
     doc.setdefault("node", {})["bootstrap"] = [str(p) for p in [*kept, peer]]
     _write_doc(path, doc)
     return True
+
+
+def set_config_values(path: Path, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Set settings (by dotted key) in the file, checked as a start would check them, keeping
+    the others; the values as written. ConfigError names the first bad one, and then nothing
+    is written."""
+    try:
+        with path.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        doc = {}
+    except (tomllib.TOMLDecodeError, OSError) as exc:
+        raise ConfigError(f"cannot update {path}: {exc}") from exc
+    read_config_file(path)  # refuse to rewrite a file that does not validate
+    written = {}
+    for key, raw in values.items():
+        if key not in SETTINGS:
+            raise ConfigError(_unknown(key, path))
+        value = _toml_value(_parse(key, raw, "as given"))
+        section, name = key.split(".")
+        if value is None:
+            doc.get(section, {}).pop(name, None)
+        else:
+            doc.setdefault(section, {})[name] = value
+        written[key] = value
+    _write_doc(path, doc)
+    return written
 
 
 def write_config(path: Path, config: Config) -> None:

@@ -10,6 +10,10 @@ Nothing is dropped silently: a node restarted in the middle of a job finds it "r
 runs it again while the job is still allocated to it; one that finished but was not reported
 is reported; a job that cannot run (no program, a runtime this node lacks, a blob nobody
 serves) is reported with that reason as its result and a non-zero exit code.
+
+When the contributor's rules pause sharing, the runs are suspended (and no new one starts);
+past the grace period every job allocated here is given back to the mesh (`job.release`, with
+the reason; state "released"), its run killed.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from hmnode.wasm_runtime import WasmLimits, WasmRuntime
 
 log = logging.getLogger(__name__)
 
-RUNNING, FINISHED, REPORTED = "running", "finished", "reported"
+RUNNING, FINISHED, REPORTED, RELEASED = "running", "finished", "reported", "released"
 SCAN_S = 2.0  # looks for work at least this often, besides after every commit
 RECEIPT_RETRY_S = 30.0  # a receipt not committed by then is submitted again
 EXIT_CANNOT_RUN = 125  # the job never started (as a shell reports a command it cannot run)
@@ -75,6 +79,49 @@ class JobExecutor:
         self._active: dict[bytes, asyncio.Task] = {}
         self.gpus = gpus  # this node's GPUs, as last probed
         self._pinned: dict[bytes, tuple[str, ...]] = {}  # job -> the GPUs it holds
+        self._cores: dict[bytes, int] = {}  # job -> the cores it runs on, while it runs
+        self.suspended = False
+        # Per runtime: runs, CPU and wall seconds, limits hit, the last run's peak memory.
+        self.sandbox_stats: dict[str, dict[str, float]] = {}
+        self._giving_back: str | None = None  # why jobs go back to the mesh, while they do
+
+    # --- the contributor's rules ----------------------------------------------------------------
+
+    def suspend(self) -> None:
+        """Sharing paused: suspend what runs, start nothing new."""
+        self.suspended = True
+        self.wasm.suspend()
+        if self.process is not None:
+            self.process.suspend()
+
+    def resume(self) -> None:
+        """Sharing resumed: let the runs go on, and look for work."""
+        self.suspended, self._giving_back = False, None
+        self.wasm.resume()
+        if self.process is not None:
+            self.process.resume()
+        self.wake()
+
+    def give_back(self, reason: str) -> None:
+        """Paused past the grace period: every job allocated here goes back to the mesh,
+        once the chain holds this node's offer as paused (else a job given back could be
+        placed here again at once)."""
+        self._giving_back = reason
+        self.wake()
+
+    def _kill_runs(self) -> None:
+        for job_id in list(self._active):
+            token = job_id.hex()
+            if not self.wasm.kill(token) and self.process is not None:
+                self.process.kill(token)
+
+    def _offer_paused(self, txn: Any) -> bool:
+        held = txn.get(schema.OFFERS, self.key.node_id.key)
+        return held is None or "paused" in held
+
+    def cores_in_use(self) -> int:
+        """Cores the jobs running here were given."""
+        return sum(self._cores.values())
 
     def wake(self) -> None:
         """A block committed: look for new work."""
@@ -100,7 +147,7 @@ class JobExecutor:
     def _scan(self) -> None:
         me = self.key.node_id.key
 
-        def read(txn: Any) -> list[tuple[bytes, dict, dict | None]]:
+        def read(txn: Any) -> tuple[list[tuple[bytes, dict, dict | None]], bool]:
             mine = []
             for key, job_id in txn.items(schema.JOB_INDEX):
                 if key[:1] != b"a":
@@ -108,12 +155,24 @@ class JobExecutor:
                 record = txn.get(schema.JOBS, job_id)
                 if record["node"] == me:
                     mine.append((job_id, record, txn.get(schema.EXECUTIONS, job_id)))
-            return mine
+            return mine, self._offer_paused(txn)
         now = time.time()
-        for job_id, record, execution in self.store.read(read):
+        mine, paused = self.store.read(read)
+        giving_back = self._giving_back if paused else None
+        if giving_back is not None:
+            self._kill_runs()
+        for job_id, record, execution in mine:
             if job_id in self._active:
                 continue
             state = None if execution is None else execution["state"]
+            if state == RELEASED and self._giving_back is None:
+                execution, state = None, None  # given back once, allocated here again
+            if giving_back is not None and state in (None, RUNNING, RELEASED):
+                if state != RELEASED or now - execution["released"] >= RECEIPT_RETRY_S:
+                    self._release(job_id, giving_back)
+                continue
+            if self.suspended and state in (None, RUNNING):
+                continue  # started when sharing resumes
             if state == REPORTED and now - execution["reported"] < RECEIPT_RETRY_S:
                 continue
             if state == RUNNING:
@@ -129,6 +188,9 @@ class JobExecutor:
             if execution is None or execution["state"] == RUNNING:
                 async with self._slots:
                     execution = await self._execute(job_id, record)
+            if self._giving_back is not None and execution["state"] == RUNNING:
+                self._release(job_id, self._giving_back)  # its run was killed for it
+                return
             self._report(job_id, execution)
         except Exception:  # noqa: BLE001 - one job's failure must not stop the others
             log.exception("job %s failed in this node's executor", job_id.hex())
@@ -138,7 +200,14 @@ class JobExecutor:
         self._put(job_id, {"state": RUNNING, "started": started})
         log.info("job %s started", job_id.hex(), extra={"event": "job_started",
                                                        "job_id": job_id.hex()})
-        outcome = await self._outcome(job_id, record)
+        self._cores[job_id] = record["spec"][0]
+        try:
+            outcome = await self._outcome(job_id, record)
+        finally:
+            self._cores.pop(job_id, None)
+        if self._giving_back is not None:
+            return {"state": RUNNING, "started": started}  # killed to be given back
+        self._count(record["spec"][2], outcome)
         digest = self.blobs.put(outcome.result_blob(), pin=True)
         execution = {"state": FINISHED, "started": started, "finished": time.time(),
                      "result": {"result_hash": digest, "exit_code": outcome.exit_code,
@@ -172,7 +241,7 @@ class JobExecutor:
                 result = await in_daemon_thread(
                     self.wasm.run, code, args, stdin, work / "scratch", work / "run",
                     WasmLimits(time_s=float(duration_s), memory_mib=memory_mib,
-                               fuel=program.get("fuel")), name=name)
+                               fuel=program.get("fuel")), job_id.hex(), name=name)
             else:
                 assert self.process is not None
                 gpu_count = record["spec"][5]
@@ -191,7 +260,7 @@ class JobExecutor:
                     self.process.run, args or ["./program"], stdin, work / "scratch",
                     work / "run", ProcessLimits(time_s=float(duration_s), memory_mib=memory_mib,
                                                 gpus=pinned, cores=cores),
-                    name=name)
+                    job_id.hex(), name=name)
         except HmnodeError as exc:
             return RunResult(EXIT_CANNOT_RUN, str(exc), b"", b"")
         finally:
@@ -200,6 +269,36 @@ class JobExecutor:
         if self.wrong_results:
             return replace(result, stdout=result.stdout + b" (wrong on purpose)")
         return result
+
+    def _count(self, runtime: str, outcome: RunResult) -> None:
+        stats = self.sandbox_stats.setdefault(runtime, {"runs": 0, "cpu_s": 0.0, "wall_s": 0.0,
+                                                        "limits": 0, "peak_bytes": 0})
+        stats["runs"] += 1
+        stats["cpu_s"] += outcome.cpu_ms / 1000
+        stats["wall_s"] += outcome.wall_ms / 1000
+        stats["limits"] += outcome.reason.split(":")[0] in ("time limit", "memory limit",
+                                                             "fuel limit")
+        stats["peak_bytes"] = outcome.peak_memory_mib << 20
+
+    def states(self) -> dict[str, int]:
+        """How many jobs this node has run, runs, or gave back, by state."""
+        counts: dict[str, int] = {}
+        for _, execution in self.store.read(lambda txn: list(txn.items(schema.EXECUTIONS))):
+            counts[execution["state"]] = counts.get(execution["state"], 0) + 1
+        return counts
+
+    def _release(self, job_id: bytes, reason: str) -> None:
+        """Give the job back to the mesh, saying why; it will not run here."""
+        try:
+            tx = self.chain.sign_and_submit("job.release", {"job_id": job_id,
+                                                            "reason": reason[:200]})
+        except HmnodeError as exc:
+            log.warning("cannot give job %s back: %s", job_id.hex(), exc)
+            return
+        self._put(job_id, {"state": RELEASED, "released": time.time(), "reason": reason,
+                           "release_tx": tx.tx_id})
+        log.info("job %s given back to the mesh (%s)", job_id.hex(), reason,
+                 extra={"event": "job_released", "job_id": job_id.hex(), "reason": reason})
 
     def _report(self, job_id: bytes, execution: dict) -> None:
         result = execution["result"]

@@ -6,6 +6,7 @@ them (the slow ones, work and time, off the event loop), submits them, and repor
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,8 +162,13 @@ class ProofKeeper:
         if standing.offering and not renew:
             return None
         height = self.chain.head().height
+        # Keyed by what the offer says, so that a changed offer (a pause) goes out at once
+        # while the same one is retried only every `retry_s`.
+        terms = {k: v for k, v in body.items() if k != "expires_height"}
+        version = int.from_bytes(hashlib.sha256(repr(sorted(terms.items())).encode()).digest()[:4],
+                                 "big")
         task = self.registration(standing) or ProofTask(
-            ("offer", 0), "offer.commit", lambda: self._offer_body(standing, body, height))
+            ("offer", version), "offer.commit", lambda: self._offer_body(standing, body, height))
         return task if self._hand_out(task.key, now) else None
 
     def offer_body(self, body: dict) -> dict:

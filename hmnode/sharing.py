@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 SHARE_CHECK_S = 5.0
 OFFER_BLOCKS = 1_000_000  # how long an offer stands (it is renewed when half of that is gone)
 LOAD_STEPS = 4  # the load that moves dynamic prices, in quarters: prices change rarely
+OFF = ShareDecision(False, ("sharing is off (share.enabled = false)",))
 
 
 def rules_from(config: Config, disk_total: int = 0) -> ShareRules:
@@ -93,13 +94,15 @@ class ShareMonitor:
 
     def __init__(self, config: Config, data_dir: Path, me: NodeId,
                  inventory: Callable[[], Inventory | None], executor: Any,
-                 on_change: Callable[[], None], sensors: ShareSensors | None = None) -> None:
+                 on_change: Callable[[], None], offered: Callable[[], bool] = lambda: False,
+                 sensors: ShareSensors | None = None) -> None:
         self.config = config
         self.data_dir = data_dir
         self.me = me
         self.inventory = inventory
         self.executor = executor  # JobExecutor: suspend, resume, give_back, cores_in_use
         self.on_change = on_change
+        self.offered = offered  # whether this node has an offer on the chain
         self.sensors = sensors or ShareSensors(data_dir)
         self.policy = SharePolicy(self._rules())
         self.decision = ShareDecision(True)
@@ -122,7 +125,8 @@ class ShareMonitor:
         """Check the rules every SHARE_CHECK_S until cancelled."""
         while True:
             readings = await asyncio.to_thread(self.sensors.read)
-            self.apply(self.policy.decide(readings), time.monotonic())
+            decision = self.policy.decide(readings) if self.config.share_enabled else OFF
+            self.apply(decision, time.monotonic())
             await asyncio.sleep(SHARE_CHECK_S)
 
     def apply(self, decision: ShareDecision, now: float) -> None:
@@ -152,9 +156,10 @@ class ShareMonitor:
         return self.config.share_enabled
 
     def offer(self, height: int, runtimes: tuple[str, ...]) -> dict[str, Any] | None:
-        """The offer to keep on the chain now (None: sharing is off in the config, or the
-        machine has not been measured yet)."""
-        if not self.config.share_enabled or not self.checked:
+        """The offer to keep on the chain now: None before the machine has been measured, or
+        while sharing is off in the config and no offer was ever made (one that was stays,
+        paused, so that what runs on it keeps its place)."""
+        if not self.checked or (not self.config.share_enabled and not self.offered()):
             return None
         paused = None if self.decision.sharing else self.decision.reason
         offer = offer_for(self.config, self.inventory(), height, runtimes, self.me, paused)
@@ -167,7 +172,7 @@ class ShareMonitor:
     def describe(self, runtimes: tuple[str, ...]) -> dict[str, Any]:
         """What this node shares now, for its advert and `hmnode status`."""
         if not self.config.share_enabled:
-            return {"sharing": False, "why_not": ["sharing is off (share.enabled = false)"]}
+            return {"sharing": False, "why_not": list(OFF.reasons)}
         offer = offer_for(self.config, self.inventory(), 0, runtimes, self.me)
         out: dict[str, Any] = {"sharing": self.decision.sharing,
                                "why_not": list(self.decision.reasons)}

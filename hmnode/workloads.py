@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from hmnode.chain_service import ChainService, job_json
 from hmnode.control import MethodError
 from hmnode.errors import HmnodeError
 from hmnode.executor import JobExecutor
-from hmnode.hardware import GpuInfo, Inventory
+from hmnode.hardware import GpuInfo
 from hmnode.identity import NodeId, NodeKey
 from hmnode.jobs import replica_id
 from hmnode.process_runtime import ProcessRuntime
@@ -29,33 +28,12 @@ from hmnode.wasm_runtime import WasmRuntime
 
 log = logging.getLogger(__name__)
 
-# What a node offers by default: half its memory, all its cores, the wasm runtime, at these
-# prices (credits per core-hour, GiB-hour, GPU-hour, and per start). Pricing rules come later.
-DEFAULT_PRICE = {"core_hour": 10, "gib_hour": 1, "gpu_hour": 100, "start_fee": 1}
-OFFER_BLOCKS = 1_000_000  # how long an offer stands (it is renewed when half of that is gone)
 MAX_PROGRAM_BYTES = 64 << 20
 COLLECT_S = 600.0
-UNPINNED_BLOB_BYTES = 1 << 30
 DEFAULT_DEADLINE_BLOCKS = 1_000
 # Tests of replica validation set this to "wrong-result" on one node: it reports wrong results.
 FAULT_ENV = "HMNODE_TEST_FAULT"
 SETTLED_STATES = ("settled", "rejected", "expired", "cancelled", "lapsed")
-
-
-def default_offer(inventory: Inventory | None, height: int,
-                  runtimes: tuple[str, ...] = ("wasm",)) -> dict[str, Any] | None:
-    """The offer this node keeps on the chain, from what it measured (None until it has)."""
-    if inventory is None:
-        return None
-    offer: dict[str, Any] = {
-        "cores": max(1, inventory.cpu.logical_cores),
-        "memory_mib": max(64, inventory.memory.total_bytes // 2 >> 20),
-        "runtimes": list(runtimes), "price": dict(DEFAULT_PRICE),
-        "expires_height": height + OFFER_BLOCKS}
-    if "process" in runtimes and inventory.gpu.gpus:  # only process jobs can use a GPU
-        models = Counter(g.name for g in inventory.gpu.gpus)
-        offer["gpus"] = [[model, n] for model, n in sorted(models.items())]
-    return offer
 
 
 class WorkloadService:
@@ -64,9 +42,11 @@ class WorkloadService:
     def __init__(self, key: NodeKey, store: Store, data_dir: Path, chain: ChainService,
                  mesh: Any, endpoint: Any, process: bool = False,
                  unsandboxed: bool = False,
-                 gpus: Callable[[], tuple[GpuInfo, ...]] = tuple) -> None:
+                 gpus: Callable[[], tuple[GpuInfo, ...]] = tuple,
+                 storage_bytes: Callable[[], int] = lambda: 1 << 30) -> None:
         self.key = key
         self.store = store
+        self.storage_bytes = storage_bytes  # unpinned blobs kept, at most
         self.chain = chain
         self.mesh = mesh
         self.blobs = BlobStore(data_dir / "blobs", store)
@@ -102,11 +82,11 @@ class WorkloadService:
 
     async def _collect(self) -> None:
         """Now and then, drop the blobs nobody pinned (programs and inputs pulled to run a
-        job) past UNPINNED_BLOB_BYTES, least recently used first."""
+        job) past the storage the contributor shares, least recently used first."""
         while True:
             await asyncio.sleep(COLLECT_S)
             try:
-                removed = self.blobs.collect(UNPINNED_BLOB_BYTES)
+                removed = self.blobs.collect(self.storage_bytes())
             except (HmnodeError, OSError) as exc:
                 log.warning("cannot collect unused blobs: %s", exc)
                 continue

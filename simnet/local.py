@@ -275,6 +275,9 @@ class LocalMesh:
         # Settings come from the flags and the node's own config.toml only, never from the
         # environment of whoever ran `up`.
         env = {k: v for k, v in os.environ.items() if not k.startswith("HMNODE_")}
+        # Many nodes on one machine: each serves its metrics on a port of its own (status
+        # says which), not all on the default one.
+        env["HMNODE_METRICS_LISTEN"] = f"{host}:0"
         env.update(self._env)
         env.update(env_extra or {})
         with self.log_file(name).open("ab") as log:
