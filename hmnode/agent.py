@@ -366,6 +366,10 @@ class Agent:
         the contributor's rules, and what the mesh lacks (peers, a live validator)."""
         out = self.share.describe(self.workloads.runtimes)
         why = out["why_not"]
+        registry = chain.get("registry")
+        if self.share.enabled and registry is not None and not registry["offering"]:
+            why.append("no offer on the chain yet: "
+                       + (self.chain.offer_note or "it is being registered and made"))
         validators = chain.get("validators") or []
         if len(validators) > 1 or self.config.bootstrap:
             if not self.endpoint.peers:

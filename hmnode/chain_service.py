@@ -88,7 +88,7 @@ class ChainService:
         self.commit_listeners: list[Callable[[], None]] = []
         # The offer this node keeps on the chain, given the height (None: it offers nothing).
         self.offer_source: Callable[[int], dict[str, Any] | None] | None = None
-        self._offer_note = ""
+        self.offer_note = ""  # why this node does not offer yet, as last said
         self.endpoint = endpoint
         self.mesh = mesh
         self.genesis_path = genesis_path
@@ -146,8 +146,8 @@ class ChainService:
                     body = await in_daemon_thread(task.make, name="hmnode-proof")
                     tx = self.sign_and_submit(task.kind, body)
                 except OfferNotReady as exc:
-                    if str(exc) != self._offer_note:  # said once, not every retry
-                        self._offer_note = str(exc)
+                    if str(exc) != self.offer_note:  # said once, not every retry
+                        self.offer_note = str(exc)
                         log.info("this node does not offer yet: %s", exc)
                     continue
                 except (HmnodeError, OSError, ValueError) as exc:
