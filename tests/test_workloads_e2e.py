@@ -103,6 +103,8 @@ def test_a_job_runs_on_another_node_and_its_result_comes_back(mesh_factory: Any,
     submitter = mesh.data_dir(node_name(1)).path
     wait_until(lambda: offering(mesh, node_name(0)), "node 0 to offer its share", timeout=60)
     assert run_json(submitter, "faucet", "1000")["ok"]
+    runner_dir = mesh.data_dir(node_name(0)).path
+    balance_before = run_json(runner_dir, "ledger")["account"]["balance"]
     job = run_json(submitter, "submit", "--template", "prime-sieve", "--arg", "1000000",
                    "--wait", timeout=120)
     assert job["stdout"] == "primes below 1000000: 78498\n" and job["exit_code"] == 0
@@ -111,6 +113,11 @@ def test_a_job_runs_on_another_node_and_its_result_comes_back(mesh_factory: Any,
     # The runner pulled the program from the submitter; the submitter pulled the result.
     record = run_json(submitter, "job", job["job_id"])
     assert record["owner"] != runner and record["receipt"]["exit_code"] == 0
+    # The runner's earnings are what the chain paid it, and what its balance gained.
+    earned = run_json(runner_dir, "earnings")
+    assert [(j["job_id"], j["paid"]) for j in earned["jobs"]] == [
+        (job["job_id"], record["receipt"]["paid"])]
+    assert earned["balance"] - balance_before == earned["total"] > 0
 
     # Larger than a control message both ways: a 5 MiB program, 6.4 MiB of output. They move
     # in chunks (the CLI's upload, QUIC between the nodes, the CLI's read), with a progress bar.
