@@ -110,14 +110,21 @@ class Readings:
 
 @dataclass(frozen=True)
 class ShareDecision:
-    """Whether the machine shares now, and if not, every reason why (the first is the main)."""
+    """Whether the machine shares now, and if not, every reason why: `reasons` in detail (for
+    people: they change with each reading), `causes` in a word or three each (stable while
+    the same rules hold: what the offer and the log say)."""
 
     sharing: bool
     reasons: tuple[str, ...] = ()
+    causes: tuple[str, ...] = ()
 
     @property
     def reason(self) -> str | None:
         return "; ".join(self.reasons) if self.reasons else None
+
+    @property
+    def cause(self) -> str | None:
+        return "; ".join(self.causes) if self.causes else None
 
 
 class SharePolicy:
@@ -130,19 +137,21 @@ class SharePolicy:
 
     def decide(self, r: Readings) -> ShareDecision:
         """The decision for readings `r` (taken in order: the idle rule remembers)."""
-        rules, reasons = self.rules, []
+        rules, found = self.rules, []
         if rules.windows and not any(w.contains(r.now) for w in rules.windows):
-            reasons.append(f"outside its time window{'s' if len(rules.windows) > 1 else ''} "
-                           f"({', '.join(w.text for w in rules.windows)})")
+            found.append(("outside its time window",
+                          f"outside its time window{'s' if len(rules.windows) > 1 else ''} "
+                          f"({', '.join(w.text for w in rules.windows)})"))
         if rules.idle_only:
-            reasons.extend(self._not_idle(r))
+            found.extend(("in use", text) for text in self._not_idle(r))
         if rules.pause_on_battery and r.on_battery:
-            reasons.append("on battery")
-        reasons.extend(self._too_hot(r))
+            found.append(("on battery", "on battery"))
+        found.extend(("too hot", text) for text in self._too_hot(r))
         if r.disk_free_bytes is not None and r.disk_free_bytes < rules.keep_free_disk_bytes:
-            reasons.append(f"only {_gib(r.disk_free_bytes)} of disk free (it keeps "
-                           f"{_gib(rules.keep_free_disk_bytes)} free)")
-        return ShareDecision(not reasons, tuple(reasons))
+            found.append(("short of disk", f"only {_gib(r.disk_free_bytes)} of disk free (it "
+                                           f"keeps {_gib(rules.keep_free_disk_bytes)} free)"))
+        causes = tuple(dict.fromkeys(cause for cause, _ in found))
+        return ShareDecision(not found, tuple(text for _, text in found), causes)
 
     def _not_idle(self, r: Readings) -> list[str]:
         rules, need_s = self.rules, self.rules.idle_minutes * 60

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SHARE_CHECK_S = 5.0
 OFFER_BLOCKS = 1_000_000  # how long an offer stands (it is renewed when half of that is gone)
 LOAD_STEPS = 4  # the load that moves dynamic prices, in quarters: prices change rarely
-OFF = ShareDecision(False, ("sharing is off (share.enabled = false)",))
+OFF = ShareDecision(False, ("sharing is off (share.enabled = false)",), ("sharing is off",))
 
 
 def rules_from(config: Config, disk_total: int = 0) -> ShareRules:
@@ -133,8 +133,8 @@ class ShareMonitor:
         """Act on a decision: said once when it changes; jobs suspended, resumed or, past the
         grace period, given back."""
         before, self.decision, self.checked = self.decision, decision, True
-        if decision.sharing != before.sharing or (not decision.sharing
-                                                  and decision.reason != before.reason):
+        # Said (and offered) again only when the causes change, not the figures in them.
+        if decision.sharing != before.sharing or decision.causes != before.causes:
             if decision.sharing:
                 log.info("sharing resumed", extra={"event": "share_resumed"})
                 self._paused_at, self._given_back = None, False
@@ -149,7 +149,7 @@ class ShareMonitor:
         if (self._paused_at is not None and not self._given_back
                 and now - self._paused_at >= self.config.share_grace_s):
             self._given_back = True
-            self.executor.give_back(f"paused sharing: {decision.reason}")
+            self.executor.give_back(f"paused sharing: {decision.cause}")
 
     @property
     def enabled(self) -> bool:
@@ -161,7 +161,7 @@ class ShareMonitor:
         paused, so that what runs on it keeps its place)."""
         if not self.checked or (not self.config.share_enabled and not self.offered()):
             return None
-        paused = None if self.decision.sharing else self.decision.reason
+        paused = None if self.decision.sharing else self.decision.cause
         offer = offer_for(self.config, self.inventory(), height, runtimes, self.me, paused)
         if offer is not None and self.config.price_dynamic:
             load = self.executor.cores_in_use() / offer["cores"]

@@ -179,6 +179,10 @@ def test_every_reason_is_given_at_once() -> None:
     decision = policy.decide(Readings(MONDAY_NOON, 0.0, on_battery=True, cpu_temp_c=99.0))
     assert decision.reasons == ("outside its time window (Sat,Sun)", "on battery",
                                 "too hot: the CPU is at 99 °C (limit 90 °C)")
+    # The causes stay the same while the figures in the reasons move.
+    assert decision.causes == ("outside its time window", "on battery", "too hot")
+    warmer = policy.decide(Readings(MONDAY_NOON, 5.0, on_battery=True, cpu_temp_c=97.0))
+    assert warmer.reasons != decision.reasons and warmer.causes == decision.causes
 
 
 def test_real_readings(tmp_path: Path) -> None:

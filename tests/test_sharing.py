@@ -104,10 +104,12 @@ def test_the_monitor_suspends_resumes_and_gives_back_after_the_grace(
     assert monitor.offer(5, ("wasm",)) is None  # not measured yet
     monitor.apply(ShareDecision(True), 0.0)
     assert "paused" not in monitor.offer(5, ("wasm",)) and executor.calls == []
-    battery = ShareDecision(False, ("on battery",))
+    battery = ShareDecision(False, ("on battery",), ("on battery",))
     monitor.apply(battery, 10.0)
     assert executor.calls == ["suspend"] and monitor.offer(5, ("wasm",))["paused"] == "on battery"
-    monitor.apply(battery, 30.0)
+    # The figures in a reason move with each reading: said and offered again only when the
+    # causes change.
+    monitor.apply(ShareDecision(False, ("on battery, 41% left",), ("on battery",)), 30.0)
     monitor.apply(ShareDecision(True), 40.0)  # back within the grace: the jobs go on
     assert executor.calls == ["suspend", "resume"]
     monitor.apply(battery, 50.0)
