@@ -81,6 +81,7 @@ def share(data_dir: Path | None, as_json: bool, **given: Any) -> None:
         values["share.windows"] = windows
     if values:
         try:
+            dd.create()  # a node not yet started: its settings wait in its data dir
             set_config_values(dd.config_file, values)
         except HmnodeError as exc:
             raise UsageError(str(exc)) from None

@@ -243,13 +243,13 @@ class Agent:
         """Serve /metrics where the config says (a port taken only costs the metrics)."""
         listen = self.config.metrics_listen
         if listen is None:
-            return
+            await asyncio.Event().wait()  # a subsystem runs until the node stops
         try:
             host, port = self.metrics.start(listen.host, listen.port)
         except OSError as exc:
             log.warning("metrics are not served: cannot listen on %s (%s); set metrics.listen",
                         listen, exc.strerror or exc)
-            return
+            await asyncio.Event().wait()
         log.info("metrics at http://%s/metrics", format_addr((host, port)),
                  extra={"event": "metrics_listening", "address": format_addr((host, port))})
         self.chain.commit_listeners.append(self._commit_observed)
@@ -402,6 +402,7 @@ class Agent:
         changes = {f: getattr(fresh, f) for f in vars(fresh) if f.startswith(("share_", "price_"))}
         self.config = replace(self.config, **changes)
         self.share.reload(self.config)
+        await self.share.check()  # so that the answer says what the new rules make of now
         return await self._share(params)
 
     async def _chain(self, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -551,7 +551,10 @@ def set_config_values(path: Path, values: Mapping[str, Any]) -> dict[str, Any]:
         else:
             doc.setdefault(section, {})[name] = value
         written[key] = value
-    _write_doc(path, doc)
+    try:
+        _write_doc(path, doc)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc
     return written
 
 

@@ -109,6 +109,7 @@ class ShareMonitor:
         self.checked = False  # whether the machine has been read yet
         self._paused_at: float | None = None
         self._given_back = False
+        self._switched_off = False
 
     def _rules(self) -> ShareRules:
         inventory = self.inventory()
@@ -116,6 +117,9 @@ class ShareMonitor:
 
     def reload(self, config: Config) -> None:
         """Apply a changed config now (`hmnode share` sets it while the node runs)."""
+        # Sharing switched off while this node keeps an offer: the offer stays, paused, so
+        # what runs on it keeps its place and nothing new comes.
+        self._switched_off = self.config.share_enabled and not config.share_enabled
         self.config = config
         self.policy = SharePolicy(self._rules())
         log.info("share settings changed", extra={"event": "share_settings"})
@@ -124,10 +128,14 @@ class ShareMonitor:
     async def run(self) -> None:
         """Check the rules every SHARE_CHECK_S until cancelled."""
         while True:
-            readings = await asyncio.to_thread(self.sensors.read)
-            decision = self.policy.decide(readings) if self.config.share_enabled else OFF
-            self.apply(decision, time.monotonic())
+            await self.check()
             await asyncio.sleep(SHARE_CHECK_S)
+
+    async def check(self) -> None:
+        """Read the machine and act on what the rules say now."""
+        if self.config.share_enabled:
+            readings = await asyncio.to_thread(self.sensors.read)
+            self.apply(self.policy.decide(readings), time.monotonic())
 
     def apply(self, decision: ShareDecision, now: float) -> None:
         """Act on a decision: said once when it changes; jobs suspended, resumed or, past the
@@ -157,11 +165,16 @@ class ShareMonitor:
 
     def offer(self, height: int, runtimes: tuple[str, ...]) -> dict[str, Any] | None:
         """The offer to keep on the chain now: None before the machine has been measured, or
-        while sharing is off in the config and no offer was ever made (one that was stays,
-        paused, so that what runs on it keeps its place)."""
-        if not self.checked or (not self.config.share_enabled and not self.offered()):
+        while sharing is off in the config (an offer committed by hand is then left as it is;
+        one this node kept when sharing was switched off stays, paused)."""
+        if not self.config.share_enabled:
+            if not (self._switched_off and self.offered()):
+                return None
+            paused: str | None = OFF.cause
+        elif not self.checked:
             return None
-        paused = None if self.decision.sharing else self.decision.cause
+        else:
+            paused = None if self.decision.sharing else self.decision.cause
         offer = offer_for(self.config, self.inventory(), height, runtimes, self.me, paused)
         if offer is not None and self.config.price_dynamic:
             load = self.executor.cores_in_use() / offer["cores"]

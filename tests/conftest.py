@@ -26,11 +26,12 @@ READY_TIMEOUT_S = 20.0
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without HMNODE_* settings, plus `extra`.
 
-    Agents listen on a free loopback port unless a test says otherwise, so that tests running
-    side by side never fight over the default port.
+    Agents listen, and serve their metrics, on free loopback ports unless a test says
+    otherwise, so that tests running side by side never fight over the default ports.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("HMNODE_")}
     env["HMNODE_LISTEN"] = "127.0.0.1:0"
+    env["HMNODE_METRICS_LISTEN"] = "127.0.0.1:0"
     env.update(extra)
     return env
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -148,7 +149,10 @@ def test_workloads_bench_gives_the_issue_keys() -> None:
     assert "process_start_ms_p50" in figures
     assert figures["submit_to_running_ms_p50"] < figures["submit_to_result_ms_p50"]
     assert figures["mesh_nodes"] == 4 and figures["one_node_runners"] == 1
-    assert figures["wasm_overhead_ratio"] == pytest.approx(
-        figures["wasm_sieve_ms_p50"] / figures["plain_wasm_sieve_ms_p50"], rel=0.05)
+    # The ratio is the median of each run's over the plain run beside it.
+    ratios = figures["wasm_overhead_ratios"]
+    assert len(ratios) == workloads.OVERHEAD_RUNS and all(r > 0 for r in ratios)
+    assert figures["wasm_overhead_ratio"] == pytest.approx(statistics.median(ratios), abs=0.001)
+    assert figures["wasm_cold_start_ms_p50"] > 0
     assert sum(steps) == workloads.STEPS_PER_RUN
     assert any(line.startswith("wasm sieve") for line in workloads.report(figures))

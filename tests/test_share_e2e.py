@@ -15,7 +15,7 @@ from typing import Any
 
 import wasmtime
 
-from conftest import hmnode, wait_until
+from conftest import clean_env, hmnode, wait_until
 from hmnode import control
 from hmnode.simnet.local import LocalMesh, node_name
 
@@ -62,6 +62,10 @@ def test_share_settings_are_checked_and_saved_without_a_node(tmp_path: Path) -> 
     assert settings["price.core_hour"] == 25
     text = hmnode("share", "--data-dir", data_dir)
     assert "share.windows" in text.stdout and "not running" in text.stdout
+    # A data dir no node has used yet keeps the settings for the node's first start.
+    fresh = run_json(tmp_path / "fresh", "share", "--memory", "25%")
+    assert fresh["settings"]["share.memory"] == "25%"
+    assert "25%" in (tmp_path / "fresh" / "config.toml").read_text()
 
 
 def test_a_paused_node_takes_no_job_and_gives_back_a_running_one(mesh_factory: Any,
@@ -75,7 +79,7 @@ def test_a_paused_node_takes_no_job_and_gives_back_a_running_one(mesh_factory: A
     # A long job runs; then the node leaves its time window with a short grace.
     loop = tmp_path / "loop.wasm"
     loop.write_bytes(wasmtime.wat2wasm(LOOP_WAT))
-    job_id = run_json(runner, "submit", "--wasm", loop, "--time-limit", "4")["job_id"]
+    job_id = run_json(runner, "submit", "--wasm", loop, "--time-limit", "8")["job_id"]
     wait_until(lambda: (run_json(runner, "job", job_id).get("execution") or {}).get("state")
                == "running", "the job to start", timeout=30)
     done = run_json(runner, "share", "--window", closed_window(), "--grace", "3")
@@ -132,3 +136,22 @@ def test_a_paused_node_takes_no_job_and_gives_back_a_running_one(mesh_factory: A
     bad = hmnode("earnings", "--since", "yesterday-ish", "--data-dir", runner)
     assert bad.returncode != 0 and "--since takes" in bad.stderr
     assert watcher  # the second node only watched the advert
+
+
+def test_a_taken_metrics_port_costs_only_the_metrics(agents: Any, data_dir: Path) -> None:
+    import socket
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        agent = agents(data_dir, env=clean_env(HMNODE_METRICS_LISTEN=f"127.0.0.1:{taken}"))
+        status = agent.wait_ready()
+        assert status["metrics"] is None
+        code, err = agent.stop()
+        assert code == 0 and "metrics are not served: cannot listen on" in err
+    finally:
+        holder.close()
+    off = agents(data_dir, env=clean_env(HMNODE_METRICS_LISTEN="off"))
+    assert off.wait_ready()["metrics"] is None
+    assert off.stop()[0] == 0

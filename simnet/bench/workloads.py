@@ -130,6 +130,8 @@ def sandbox_figures(work: Path) -> dict[str, Any]:
             "wasm_cold_start_ms_p50": round(statistics.median(cold) * 1000, 3),
             "wasm_sieve_ms_p50": round(statistics.median(sandboxed) * 1000, 1),
             "plain_wasm_sieve_ms_p50": round(statistics.median(bare) * 1000, 1),
+            "wasm_overhead_ratios": [round(ours / theirs, 3)
+                                     for ours, theirs in zip(sandboxed, bare)],
             "wasm_overhead_ratio": round(statistics.median(
                 ours / theirs for ours, theirs in zip(sandboxed, bare)), 3)}
 
