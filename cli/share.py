@@ -116,7 +116,7 @@ def _file_settings(path: Path) -> dict[str, Any]:
         config = load_config(path)
     except HmnodeError as exc:
         raise click.ClickException(str(exc)) from None
-    return {**config.show("share."), **config.show("price.")}
+    return config.show("share.", "price.")
 
 
 def _shown(value: Any) -> str:

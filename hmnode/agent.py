@@ -276,7 +276,7 @@ class Agent:
             path = self.traversal.path_of(conn)["path"]
             paths[path] = paths.get(path, 0) + 1
         share = self._share_status(chain)
-        earned = self.chain.earnings() if chain.get("ready") else {"total": 0, "balance": 0}
+        earned, balance = self.chain.earned() if chain.get("ready") else (0, 0)
         return NodeSnapshot(
             node_id=str(self.key.node_id), version=__version__, peers=len(self.endpoint.peers),
             paths=paths, gossip=self.mesh.stats()["broadcast"], height=chain["height"] or 0,
@@ -285,7 +285,7 @@ class Agent:
             jobs=self.chain.job_counts() if chain.get("ready") else {},
             executions=self.workloads.executor.states(),
             sandbox={k: dict(v) for k, v in self.workloads.executor.sandbox_stats.items()},
-            earned=earned["total"], balance=earned["balance"], sharing=share["sharing"],
+            earned=earned, balance=balance, sharing=share["sharing"],
             why_not=len(share["why_not"]))
 
     def _storage_bytes(self) -> int:
@@ -388,8 +388,7 @@ class Agent:
 
     async def _share(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The share and price settings in effect, and whether this node shares now."""
-        return {"settings": {**self.share.config.show("share."),
-                             **self.share.config.show("price.")},
+        return {"settings": self.share.config.show("share.", "price."),
                 "status": self._share_status(self.chain.status())}
 
     async def _share_reload(self, params: Mapping[str, Any]) -> dict[str, Any]:

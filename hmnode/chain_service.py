@@ -408,13 +408,7 @@ class ChainService:
         """What this node earned running jobs, from the chain's records: each paid job (when
         it was paid, by whom, how much) and the total, with its balance beside them."""
         node = self._ready()
-        me = self.key.node_id.key
-
-        def read(tx: Any) -> tuple[list[tuple[int, bytes, dict]], int]:
-            paid = [(r["receipt"]["height"], job_id, r) for job_id, r in tx.items(schema.JOBS)
-                    if r["node"] == me and (r.get("receipt") or {}).get("paid")]
-            return sorted(paid), Ledger(tx).balance(me)
-        paid, balance = self.store.read(read)
+        paid, balance = self._paid()
         times = self.block_times([height for height, _, _ in paid])
         jobs = []
         for height, job_id, record in paid:
@@ -429,6 +423,22 @@ class ChainService:
         return {"height": node.head.height, "node_id": str(self.key.node_id),
                 "since_ms": since_ms, "jobs": jobs, "total": sum(j["paid"] for j in jobs),
                 "balance": balance}
+
+    def earned(self) -> tuple[int, int]:
+        """All this node was paid for jobs, and its balance (no block is read for times)."""
+        self._ready()
+        paid, balance = self._paid()
+        return sum(r["receipt"]["paid"] for _, _, r in paid), balance
+
+    def _paid(self) -> tuple[list[tuple[int, bytes, dict]], int]:
+        """The jobs this node was paid for, by the height of their receipt, and its balance."""
+        me = self.key.node_id.key
+
+        def read(tx: Any) -> tuple[list[tuple[int, bytes, dict]], int]:
+            paid = [(r["receipt"]["height"], job_id, r) for job_id, r in tx.items(schema.JOBS)
+                    if r["node"] == me and (r.get("receipt") or {}).get("paid")]
+            return sorted(paid), Ledger(tx).balance(me)
+        return self.store.read(read)
 
     def kv_get(self, key: str) -> bytes | None:
         self._ready()

@@ -435,10 +435,11 @@ class Config:
                 doc.setdefault(section, {})[key] = value
         return doc
 
-    def show(self, prefix: str) -> dict[str, Any]:
-        """The settings whose keys start with `prefix` ("share."), as TOML writes them."""
+    def show(self, *prefixes: str) -> dict[str, Any]:
+        """The settings whose keys start with one of `prefixes` ("share."), as TOML writes
+        them."""
         return {f.metadata["key"]: _toml_value(getattr(self, f.name))
-                for f in dataclasses.fields(self) if f.metadata["key"].startswith(prefix)}
+                for f in dataclasses.fields(self) if f.metadata["key"].startswith(prefixes)}
 
 
 def _toml_value(value: Any) -> Any:

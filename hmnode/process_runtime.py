@@ -102,8 +102,7 @@ def _isolate_fn(scratch: Path, limits: ProcessLimits | None, probe: bool = False
     address_space = _address_space(limits, cgroup)
 
     def isolate() -> None:
-        for path in procs:  # first, while still root: what it starts is in the group too
-            path.write_text(str(os.getpid()))
+        _enter(procs)  # first, while still root: what it starts is in the group too
         os.setsid()
         flags = _CLONE_NEWNS | _CLONE_NEWNET | (0 if root else _CLONE_NEWUSER)
         _check(libc.unshare(flags), "unshare")
@@ -275,8 +274,7 @@ def _limits_only(scratch: Path, limits: ProcessLimits,
     address_space = _address_space(limits, cgroup)
 
     def apply() -> None:
-        for path in procs:
-            path.write_text(str(os.getpid()))
+        _enter(procs)
         os.setsid()
         for name, value in ((resource.RLIMIT_CPU, int(limits.time_s) + 1),
                             (resource.RLIMIT_AS, address_space),
@@ -285,6 +283,12 @@ def _limits_only(scratch: Path, limits: ProcessLimits,
                             (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(name, (value, value))
     return apply
+
+
+def _enter(procs: list[Path]) -> None:
+    """Put this process in a control group (each hierarchy's `cgroup.procs`)."""
+    for path in procs:
+        path.write_text(str(os.getpid()))
 
 
 def _address_space(limits: ProcessLimits | None, cgroup: JobCgroup | None) -> int:

@@ -66,8 +66,9 @@ def prices(config: Config, load: float, models: tuple[str, ...] = ()) -> dict[st
 
 def offer_for(config: Config, inventory: Inventory | None, height: int,
               runtimes: tuple[str, ...], me: NodeId, paused: str | None = None,
-              load: float = 0.0) -> dict[str, Any] | None:
-    """The offer this node keeps on the chain (None until it has measured itself)."""
+              cores_in_use: int = 0) -> dict[str, Any] | None:
+    """The offer this node keeps on the chain (None until it has measured itself);
+    `cores_in_use` by its running jobs move dynamic prices."""
     if inventory is None:
         return None
     offer: dict[str, Any] = {
@@ -79,7 +80,8 @@ def offer_for(config: Config, inventory: Inventory | None, height: int,
     gpus = shared_gpus(config, inventory.gpu.gpus) if "process" in runtimes else ()
     if gpus:  # only process jobs can use a GPU
         offer["gpus"] = [[m, n] for m, n in sorted(Counter(g.name for g in gpus).items())]
-    offer["price"] = prices(config, load, tuple(m for m, _ in offer.get("gpus", [])))
+    offer["price"] = prices(config, cores_in_use / offer["cores"],
+                            tuple(m for m, _ in offer.get("gpus", [])))
     if paused is not None:
         offer["paused"] = paused[:200]
     if config.share_allow == "owner":
@@ -175,12 +177,8 @@ class ShareMonitor:
             return None
         else:
             paused = None if self.decision.sharing else self.decision.cause
-        offer = offer_for(self.config, self.inventory(), height, runtimes, self.me, paused)
-        if offer is not None and self.config.price_dynamic:
-            load = self.executor.cores_in_use() / offer["cores"]
-            offer["price"] = prices(self.config, load,
-                                    tuple(m for m, _ in offer.get("gpus", [])))
-        return offer
+        return offer_for(self.config, self.inventory(), height, runtimes, self.me, paused,
+                         self.executor.cores_in_use())
 
     def describe(self, runtimes: tuple[str, ...]) -> dict[str, Any]:
         """What this node shares now, for its advert and `hmnode status`."""
